@@ -1,0 +1,150 @@
+"""The language decoder: Qwen2 and Llama-type (InternLM2/3 map onto it), with an explicit KV cache.
+
+Dimension names in einsum strings: b batch, t query positions, s key slots, d width, n query heads,
+k KV heads, g query heads per KV head, h head_dim, f MLP width, v vocabulary.
+
+The cache is a plain pytree passed in and returned (never a mutable collection): `KVCache` holds
+`k`/`v` of shape [layers, batch, slots, kv_heads, head_dim]. A call writes its T new keys at slot
+`index` and attends over all slots allowed by `mask` ([b, t, s] booleans built by the caller), so
+prefill, decode and a plain forward without cache all run the same layer code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from internvl_jax.config import TextConfig
+from internvl_jax.model.layers import Dense, RMSNorm, activation, weight
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, b, s, k, h]
+    v: jax.Array
+    index: jax.Array  # int32 scalar: the slot the next token is written to
+
+    @classmethod
+    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def rope_frequencies(cfg: TextConfig, positions: jax.Array) -> jax.Array:
+    """Inverse frequencies [h/2], float32; dynamic NTK rescales the base from the longest position seen.
+
+    transformers recomputes dynamic-NTK frequencies from max(position_ids) + 1 on every forward whose length
+    exceeds max_position_embeddings; a function of the current positions gives the same numbers.
+    """
+    dim = cfg.head_dim
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    base = jnp.float32(cfg.rope_theta)
+    if cfg.rope_type == "dynamic":
+        seq_len = jnp.maximum(jnp.max(positions) + 1, cfg.max_position_embeddings).astype(jnp.float32)
+        factor = cfg.rope_factor
+        base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base**exponents)
+
+
+def rope_tables(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [b, t, h] (halves duplicated, as rotate_half expects), float32."""
+    freqs = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg, positions)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [b, t, heads, h]; rotate_half convention (first half / second half), as Qwen2 and Llama."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [b,t,k,g,h], k/v [b,s,k,h], mask [b,t,s] -> [b,t,k,g,h]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (q.shape[-1] ** -0.5)
+    scores = scores.astype(jnp.float32)
+    # A finite minimum (not -inf) keeps fully masked rows (left padding) finite: they become uniform.
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+class DecoderLayer(nn.Module):
+    cfg: TextConfig
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None, rope: tuple[jax.Array, jax.Array],
+                 mask: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        c, pd = self.cfg, self.param_dtype
+        b, t, _ = x.shape
+        with jax.named_scope("attention"):
+            y = RMSNorm(c.rms_norm_eps, "embed", pd, name="attn_norm")(x)
+            q = Dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c.qkv_bias, param_dtype=pd,
+                      name="q")(y)
+            k = Dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias,
+                      param_dtype=pd, name="k")(y)
+            v = Dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias,
+                      param_dtype=pd, name="v")(y)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+                v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+                cache = (k, v)
+            q = q.reshape(b, t, c.num_kv_heads, c.groups, c.head_dim)
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, c.num_heads, c.head_dim)
+            x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), c.o_bias, n_in=2, param_dtype=pd,
+                          name="o")(out)
+        with jax.named_scope("mlp"):
+            y = RMSNorm(c.rms_norm_eps, "embed", pd, name="mlp_norm")(x)
+            gate = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="gate")(y)
+            up = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="up")(y)
+            x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
+                activation(c.hidden_act)(gate) * up)
+        return x, cache
+
+
+class Decoder(nn.Module):
+    cfg: TextConfig
+    tie_embeddings: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.embedding = weight(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                                dtype=self.param_dtype)
+        self.layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.param_dtype, name="layers")
+        self.final_norm = RMSNorm(c.rms_norm_eps, "embed", self.param_dtype)
+        if not self.tie_embeddings:
+            self.lm_head = weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                  dtype=self.param_dtype)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache."""
+        rope = rope_tables(self.cfg, positions)
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        kv = (cache.k, cache.v) if cache is not None else None
+        x, kv = self.layers(x, kv, rope, mask, index)
+        if cache is not None:
+            cache = KVCache(kv[0], kv[1], cache.index + x.shape[1])
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        head = self.embedding.T if self.tie_embeddings else self.lm_head
+        return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))

@@ -1,0 +1,62 @@
+"""The whole model as one linen module: vision tower -> pixel shuffle + projector -> merge -> decoder."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.model.decoder import Decoder, KVCache
+from internvl_jax.model.projector import Projector, tokens_from_patches
+from internvl_jax.model.vision import VisionTower
+
+
+def merge_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_token_id: int) -> jax.Array:
+    """Put image features, in order, at the positions holding `image_token_id`. Static shapes throughout.
+
+    embeds [b, t, d]; features [tiles, tokens, d] for all images of the batch in prompt order (row-major
+    over the batch, as transformers' masked_scatter). The n-th image token takes feature row n; the caller
+    checks on the host that the counts agree.
+    """
+    b, t, d = embeds.shape
+    flat = features.reshape(-1, d).astype(embeds.dtype)
+    is_image = (ids == image_token_id).reshape(-1)
+    row = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat.shape[0] - 1)
+    picked = jnp.take(flat, row, axis=0).reshape(b, t, d)
+    return jnp.where(is_image.reshape(b, t, 1), picked, embeds)
+
+
+class InternVLModule(nn.Module):
+    cfg: InternVLConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.vision = VisionTower(c.vision, c.vision_feature_layer, self.dtype, self.param_dtype)
+        self.projector = Projector(c, self.param_dtype)
+        self.text = Decoder(c.text, c.tie_word_embeddings, self.dtype, self.param_dtype)
+
+    def image_features(self, pixels: jax.Array) -> jax.Array:
+        """[tiles, 3, H, W] -> [tiles, image_seq_length, text_hidden]."""
+        with jax.named_scope("vision"):
+            hidden = self.vision(pixels)
+        with jax.named_scope("projector"):
+            return self.projector(tokens_from_patches(hidden, self.cfg))
+
+    def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None, logits_to_keep: int = 0) -> tuple[jax.Array, KVCache | None]:
+        """Logits [b, t or logits_to_keep, vocab] (float32) and the updated cache."""
+        x = self.text.embed(ids)
+        if pixels is not None:
+            x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id)
+        hidden, cache = self.text(x, positions, mask, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        with jax.named_scope("lm_head"):
+            return self.text.logits(hidden).astype(jnp.float32), cache
+
+    def init_all(self, ids: jax.Array, pixels: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """Touches every parameter (used only to build the parameter tree)."""
+        return self(ids, pixels, positions, mask)[0]

@@ -1,0 +1,95 @@
+"""Small building blocks shared by the vision tower, the projector and the decoder.
+
+Every parameter is declared here or in the modules through `weight()`, which attaches logical axis names
+(`nn.with_logical_partitioning`). Shapes and axes therefore live in exactly one place, the module that uses
+the weight; the checkpoint mapping (`internvl_jax.weights`) and the sharding rules (`internvl_jax.sharding`)
+read them from the abstract parameter tree (`jax.eval_shape` of `init`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
+           init: Initializer | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Declare a parameter with its shape and logical axes; random init is only for tests and presets."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    init = init or nn.initializers.normal(0.02)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """transformers' ACT2FN names. Plain "gelu" is the exact erf form; "gelu_pytorch_tanh" the tanh one."""
+    return {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    """T5/Qwen2 RMSNorm: normalise in float32, cast back, then scale (the order torch uses)."""
+
+    eps: float
+    axis_name: str = "embed"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = weight(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones, self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * xf.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    axis_name: str = "embed"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = weight(self, "scale", (d,), (self.axis_name,), nn.initializers.ones, self.param_dtype)
+        bias = weight(self, "bias", (d,), (self.axis_name,), nn.initializers.zeros, self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(x.dtype)
+
+
+def norm(kind: str, eps: float, axis_name: str, param_dtype: jnp.dtype, name: str) -> nn.Module:
+    if kind == "rms_norm":
+        return RMSNorm(eps, axis_name, param_dtype, name=name)
+    return LayerNorm(eps, axis_name, param_dtype, name=name)
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias) with the kernel stored [in..., out...] and named axes on both sides."""
+
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axes of the kernel: input axes then output axes
+    use_bias: bool = True
+    n_in: int = 1  # how many trailing dims of x are contracted
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = weight(self, "kernel", (*in_shape, *self.out_shape), self.axes, dtype=self.param_dtype)
+        y = jnp.tensordot(x, kernel.astype(x.dtype), axes=self.n_in)
+        if self.use_bias:
+            bias = weight(self, "bias", self.out_shape, self.axes[self.n_in:], nn.initializers.zeros,
+                          self.param_dtype)
+            y = y + bias.astype(x.dtype)
+        return y
