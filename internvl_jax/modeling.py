@@ -15,6 +15,7 @@ import numpy as np
 
 from internvl_jax import weights
 from internvl_jax.config import InternVLConfig
+from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.hub import resolve
 from internvl_jax.model.decoder import KVCache
 from internvl_jax.model.internvl import InternVLModule
@@ -51,6 +52,7 @@ class InternVL:
         self.dtype = as_dtype(dtype)
         self.module = InternVLModule(config, self.dtype, self.dtype)
         self.params = params
+        self.generation_config = SamplingConfig()
 
     # ----- construction -----
     @staticmethod
@@ -92,7 +94,9 @@ class InternVL:
 
             shardings = param_shardings(config, mesh, dtype)
         params = load_params(reader, config, abstract, shardings)
-        return cls(config, params, dtype)
+        model = cls(config, params, dtype)
+        model.generation_config = SamplingConfig.from_checkpoint(directory)
+        return model
 
     # ----- host-side input checks -----
     def _inputs(self, input_ids: Any, pixel_values: Any, attention_mask: Any
@@ -160,6 +164,8 @@ class InternVL:
         """Mean next-token cross entropy over labels != -100 (transformers' shift), differentiable in `params`.
 
         `jax.grad(lambda p: model.loss(ids, labels, pixels, params=p))(model.params)` gives the gradients.
+        A label right after left padding is predicted from a padding slot (no real key to attend to: we, like
+        transformers' eager attention, average all slots; its SDPA path differs): set such labels to -100.
         """
         ids, pixels, mask = self._inputs(input_ids, pixel_values, attention_mask)
         lab = np.asarray(labels)
@@ -168,6 +174,22 @@ class InternVL:
         positions = _positions(ids, None)
         params = self.params if params is None else params
         return _loss_fn(self.module)(params, ids, pixels, positions, mask, lab.astype(np.int32))
+
+    def generate(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
+                 streamer: Any = None, **generation_kwargs: Any) -> np.ndarray:
+        """Token ids [b, prompt + new], like transformers' generate (rows padded with pad_token_id after they
+        end). Keyword arguments: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+        eos_token_id (int or list), pad_token_id, seed; defaults from the checkpoint's generation_config.json."""
+        from internvl_jax.engine.generate import run
+
+        return run(self, input_ids, pixel_values, attention_mask, streamer=streamer, **generation_kwargs)
+
+    def stream(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None, chunk: int = 8,
+               **generation_kwargs: Any):
+        """Iterator of new token ids [b, n], a few at a time, as the on-device loop produces them."""
+        from internvl_jax.engine.generate import stream
+
+        return stream(self, input_ids, pixel_values, attention_mask, chunk=chunk, **generation_kwargs)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.params))

@@ -1,0 +1,232 @@
+"""Compiled generation: bucketed prefill into a static KV cache, then a decode loop that stays on device.
+
+Shapes are bucketed so that a stream of different prompts compiles a handful of programs:
+- prompt length: powers of two from 16 (the prompt is left padded into its bucket);
+- batch: powers of two (extra rows are empty and start finished);
+- image tiles: 0 or powers of two (extra tiles are zeros whose features are never placed);
+- cache slots: the power of two >= prompt bucket + max_new_tokens.
+Rows are left padded; each row's positions count its real tokens only (cumsum of the mask - 1, as
+transformers' generate), so a row gives the same tokens alone or in any batch.
+
+The decode loop is one `lax.while_loop`: choose the next token, stop rows that produced an EOS id, feed
+the token back. It ends on device when every row has finished or `max_new_tokens` is reached. Streaming
+runs the same compiled loop in chunks of a few tokens and hands each chunk to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax.engine.sampling import SamplingConfig, choose
+from internvl_jax.model.decoder import KVCache
+from internvl_jax.model.internvl import InternVLModule
+
+MIN_PROMPT_BUCKET = 16
+STREAM_CHUNK = 8
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class Streamer(Protocol):
+    """transformers' streamer interface: `put` gets new token ids [batch, n], `end` is called once."""
+
+    def put(self, tokens: np.ndarray) -> None: ...
+    def end(self) -> None: ...
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    kv_mask: jax.Array  # [b, s] bool: slots holding real tokens
+    logits: jax.Array  # [b, v] float32: scores for the next token
+    positions: jax.Array  # [b] int32: position of the next token
+    tokens: jax.Array  # [b, s] int32: generated tokens (first max_new_tokens columns used)
+    step: jax.Array  # int32 scalar
+    done: jax.Array  # [b] bool
+    key: jax.Array
+    seen: jax.Array  # [b, v] bool (repetition penalty) or [b, 0]
+
+
+# ----- memory -----
+def free_memory_bytes(device: jax.Device) -> int | None:
+    """Bytes still free on `device` (host RAM for CPU devices); None when it cannot be told."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+
+
+def check_cache_fits(cfg, batch: int, slots: int, dtype: jnp.dtype, device: jax.Device | None = None) -> int:
+    """Raise MemoryError (before allocating) when the KV cache would not fit; returns its size in bytes."""
+    t = cfg.text
+    itemsize = jnp.dtype(dtype).itemsize
+    need = 2 * t.num_layers * batch * slots * t.num_kv_heads * t.head_dim * itemsize
+    need += batch * t.vocab_size * (4 + 1)  # next-token logits and the repetition-penalty mask
+    device = device or jax.devices()[0]
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"the KV cache for batch {batch} x {slots} slots ({t.num_layers} layers x {t.num_kv_heads} KV heads x "
+            f"{t.head_dim} x 2, {jnp.dtype(dtype).name}) needs {need / 2**30:.2f} GiB but only "
+            f"{free / 2**30:.2f} GiB is free on {device}; lower the batch size or max_new_tokens")
+    return need
+
+
+def max_length(cfg) -> int:
+    """Longest sequence (prompt + new tokens) the model takes: dynamic NTK RoPE stretches it by its factor."""
+    t = cfg.text
+    return int(t.max_position_embeddings * (t.rope_factor if t.rope_type == "dynamic" else 1))
+
+
+# ----- compiled programs -----
+def _slot_mask(query_slots: jax.Array, kv_mask: jax.Array) -> jax.Array:
+    """[t] query slots, [b, s] valid keys -> [b, t, s]: causal over slots, padding masked."""
+    s = kv_mask.shape[1]
+    return (jnp.arange(s)[None, None, :] <= query_slots[None, :, None]) & kv_mask[:, None, :]
+
+
+@functools.lru_cache(maxsize=8)
+def _prefill_fn(module: InternVLModule) -> Callable:
+    def prefill(params, ids, pixels, positions, kv_mask, cache):
+        mask = _slot_mask(jnp.arange(ids.shape[1]), kv_mask)
+        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, 1)
+        return logits[:, -1], cache
+
+    return jax.jit(prefill, donate_argnums=(5,))
+
+
+@functools.lru_cache(maxsize=32)
+def _decode_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
+    """The on-device loop. `rule` (static) holds everything but the seed and max_new_tokens."""
+    eos = jnp.asarray(rule.eos_token_id or (-1,), jnp.int32)
+    pad = rule.pad_token_id if rule.pad_token_id is not None else 0
+
+    def decode(params, state: DecodeState, limit: jax.Array) -> DecodeState:
+        def cond(st: DecodeState) -> jax.Array:
+            return (st.step < limit) & ~jnp.all(st.done)
+
+        def body(st: DecodeState) -> DecodeState:
+            key, sub = jax.random.split(st.key)
+            tok = choose(st.logits, sub, rule, st.seen if st.seen.shape[1] else None)
+            tok = jnp.where(st.done, pad, tok)
+            tokens = jax.lax.dynamic_update_slice(st.tokens, tok[:, None], (0, st.step))
+            done = st.done | jnp.isin(tok, eos)
+            seen = st.seen.at[jnp.arange(tok.shape[0]), tok].set(True) if st.seen.shape[1] else st.seen
+            slot = st.cache.index
+            kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((tok.shape[0], 1), bool), (0, slot))
+            logits, cache = module.apply({"params": params}, tok[:, None], None, st.positions[:, None],
+                                         _slot_mask(slot[None], kv_mask), st.cache)
+            return DecodeState(cache, kv_mask, logits[:, -1], st.positions + 1, tokens, st.step + 1, done, key,
+                               seen)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    return jax.jit(decode, donate_argnums=(1,))
+
+
+# ----- host driver -----
+@dataclasses.dataclass
+class Prepared:
+    ids: np.ndarray  # [B, T] bucketed
+    kv_mask: np.ndarray  # [B, S]
+    positions: np.ndarray  # [B, T]
+    pixels: np.ndarray | None
+    rows: int  # real rows
+    slots: int
+
+
+def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, max_new: int, pad: int) -> Prepared:
+    b, t = ids.shape
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError(f"row(s) {np.flatnonzero(lengths == 0).tolist()} of the prompt are empty")
+    limit = max_length(cfg)
+    if int(lengths.max()) + max_new > limit:
+        raise ValueError(f"prompt of {int(lengths.max())} tokens + max_new_tokens {max_new} exceeds the model's "
+                         f"maximum length {limit}")
+    tb, bb = bucket(t, MIN_PROMPT_BUCKET), bucket(b)
+    slots = bucket(tb + max_new, 64)
+    full_ids = np.full((bb, tb), pad, np.int32)
+    full_ids[:b, tb - t:] = ids
+    kv_mask = np.zeros((bb, slots), bool)
+    kv_mask[:b, tb - t: tb] = mask.astype(bool)
+    positions = np.zeros((bb, tb), np.int32)
+    positions[:b, tb - t:] = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
+    if pixels is not None:
+        n = pixels.shape[0]
+        padded = np.zeros((bucket(n), *pixels.shape[1:]), pixels.dtype)
+        padded[:n] = pixels
+        pixels = padded
+    return Prepared(full_ids, kv_mask, positions, pixels, b, slots)
+
+
+def run(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
+        streamer: Streamer | None = None, **kwargs: Any) -> np.ndarray:
+    """transformers-style generate: [b, prompt + new] ids, rows padded with pad_token_id after they end."""
+    chunks = list(stream(model, input_ids, pixel_values, attention_mask, streamer=streamer, **kwargs))
+    ids = np.asarray(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    new = np.concatenate(chunks, axis=1) if chunks else np.zeros((ids.shape[0], 0), np.int32)
+    return np.concatenate([ids.astype(np.int64), new.astype(np.int64)], axis=1)
+
+
+def stream(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
+           streamer: Streamer | None = None, chunk: int | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """Yield new tokens [b, n] as they are produced (chunks of `chunk` steps; all at once when None and no
+    streamer is given)."""
+    cfg = model.config
+    sc = model.generation_config.update(**kwargs)
+    pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
+    sc = dataclasses.replace(sc, pad_token_id=pad)
+    ids, pixels, mask = model._inputs(input_ids, pixel_values, attention_mask)
+    prep = prepare(cfg, ids, mask, pixels, sc.max_new_tokens, pad)
+    bb = prep.ids.shape[0]
+    check_cache_fits(cfg, bb, prep.slots, model.dtype)
+
+    cache = KVCache.zeros(cfg.text, bb, prep.slots, model.dtype)
+    logits, cache = _prefill_fn(model.module)(model.params, prep.ids, prep.pixels, prep.positions,
+                                              prep.kv_mask, cache)
+    seen_width = cfg.text.vocab_size if sc.repetition_penalty != 1.0 else 0
+    seen = np.zeros((bb, seen_width), bool)
+    if seen_width:  # transformers penalises every id of the prompt, padding included
+        np.put_along_axis(seen, prep.ids.astype(np.int64), True, axis=1)
+    done = np.arange(bb) >= prep.rows
+    state = DecodeState(cache, jnp.asarray(prep.kv_mask), logits, jnp.asarray(prep.positions[:, -1] + 1),
+                        jnp.zeros((bb, prep.slots), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(done),
+                        jax.random.PRNGKey(sc.seed), jnp.asarray(seen))
+    rule = dataclasses.replace(sc, seed=0, max_new_tokens=1)
+    decode = _decode_fn(model.module, rule)
+    step = chunk or (STREAM_CHUNK if streamer is not None else sc.max_new_tokens)
+    emitted = 0
+    while emitted < sc.max_new_tokens:
+        limit = min(emitted + step, sc.max_new_tokens)
+        state = decode(model.params, state, jnp.int32(limit))
+        reached = int(state.step)
+        if reached > emitted:
+            new = np.asarray(state.tokens[: prep.rows, emitted:reached])
+            if streamer is not None:
+                streamer.put(new)
+            yield new
+            emitted = reached
+        if reached < limit or bool(jnp.all(state.done)):
+            break
+    if streamer is not None:
+        streamer.end()

@@ -1,0 +1,115 @@
+"""Next-token choice with transformers' names and meanings, all on device.
+
+The order is transformers': repetition penalty, then (when sampling) temperature, top-k, top-p, then a
+draw from the softmax; greedy is argmax after the penalty.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off (transformers' default of 50 applies only through generation_config.json)
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    seed: int = 0
+
+    def check(self) -> SamplingConfig:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+    def update(self, **kwargs: Any) -> SamplingConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None)
+        if unknown:
+            raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}")
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if "eos_token_id" in kwargs:
+            kwargs["eos_token_id"] = _ids(kwargs["eos_token_id"])
+        return replace(self, **kwargs).check()
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> SamplingConfig:
+        """Defaults from generation_config.json when the checkpoint has one."""
+        file = Path(directory) / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        raw = json.loads(file.read_text())
+        base = cls()
+        return replace(
+            base,
+            do_sample=bool(raw.get("do_sample", base.do_sample)),
+            temperature=float(raw.get("temperature", base.temperature) or 1.0),
+            top_k=int(raw.get("top_k", 0) or 0),
+            top_p=float(raw.get("top_p", 1.0) or 1.0),
+            repetition_penalty=float(raw.get("repetition_penalty", 1.0) or 1.0),
+            eos_token_id=_ids(raw.get("eos_token_id")),
+            pad_token_id=raw.get("pad_token_id"),
+            max_new_tokens=int(raw.get("max_new_tokens", base.max_new_tokens) or base.max_new_tokens),
+        )
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float | jax.Array) -> jax.Array:
+    """transformers: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Drop the tokens whose ascending cumulative probability is <= 1 - p (the most likely always stays)."""
+    ascending = jnp.sort(logits, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop = cum <= 1 - p
+    drop = drop.at[..., -1].set(False)
+    # The threshold is the smallest kept logit; ties with it are kept, as transformers' scatter does.
+    threshold = jnp.min(jnp.where(drop, jnp.inf, ascending), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, seen: jax.Array | None) -> jax.Array:
+    """logits [b, v] float32 -> token ids [b]. `cfg` is static (part of the compiled program)."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if not cfg.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p < 1.0:
+        logits = top_p_filter(logits, cfg.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
