@@ -1,0 +1,104 @@
+"""Meshes and the one table that maps logical axes to mesh axes.
+
+Every parameter declares logical axis names where it is created (`model/layers.py: weight`). `RULES`
+below maps each name to a mesh axis; a dimension that the mesh axis does not divide is replicated instead
+(InternVL3-1B's 2 KV heads on a tensor axis of 4, the 6B vision tower's 25 heads), so every model runs on
+every mesh, and the memory planner reports what that costs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from internvl_jax.config import InternVLConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (None: replicated). The only place where this is decided.
+RULES: dict[str, str | None] = {
+    # decoder
+    "vocab": "tensor",  # embedding rows and lm_head columns
+    "embed": "fsdp",  # model width: split only by FSDP (weights gathered per layer)
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,  # the scanned layer axis
+    # vision tower
+    "vis_embed": "fsdp",
+    "vis_heads": "tensor",
+    "vis_mlp": "tensor",
+    "vis_qk": None,  # joint q/k norm scales (width = all heads)
+    # projector
+    "proj_in": None,
+    "proj_hidden": None,
+    # activations and cache
+    "batch": "data",
+    "cache_slots": None,
+}
+
+
+def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from "data=2,tensor=4" (missing axes get size 1; one axis may be -1 = the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {a: 1 for a in MESH_AXES}
+    if spec is None:
+        sizes["data"] = len(devices)
+    else:
+        items = spec.items() if isinstance(spec, dict) else (p.split("=") for p in spec.split(",") if p.strip())
+        for name, value in items:
+            name = name.strip()
+            if name not in sizes:
+                raise ValueError(f"mesh axis {name!r} is not one of {MESH_AXES}")
+            sizes[name] = int(value)
+    rest = [a for a, n in sizes.items() if n == -1]
+    if len(rest) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = math.prod(n for n in sizes.values() if n != -1)
+    if rest:
+        sizes[rest[0]] = len(devices) // known
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh {sizes} has {total} devices but {len(devices)} are available")
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of an array with these logical axes: a dim the mesh axis does not divide is replicated."""
+    out: list[str | None] = []
+    used: set[str] = set()
+    for size, name in zip(shape, axes, strict=True):
+        target = RULES.get(name) if name else None
+        if target is None or target in used or size % mesh.shape[target] or mesh.shape[target] == 1:
+            out.append(None)
+        else:
+            out.append(target)
+            used.add(target)
+    return PartitionSpec(*out)
+
+
+def logical_axes(config: InternVLConfig, dtype: str = "float32") -> dict[str, tuple[str | None, ...]]:
+    """Our parameter path -> its logical axes (from the modules' declarations)."""
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.weights import flatten_paths
+
+    boxed = InternVL.abstract_params(config, dtype, boxed=True)
+    flat = flatten_paths(boxed)
+    return {p: tuple(v.names) if isinstance(v, nn.Partitioned) else (None,) * len(v.shape) for p, v in flat.items()}
+
+
+def param_shardings(config: InternVLConfig, mesh: Mesh, dtype: str = "float32") -> dict[str, NamedSharding]:
+    """Our parameter path -> NamedSharding on `mesh`."""
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.weights import flatten_paths
+
+    shapes = flatten_paths(InternVL.abstract_params(config, dtype))
+    axes = logical_axes(config, dtype)
+    return {p: NamedSharding(mesh, spec_for(shapes[p].shape, axes[p], mesh)) for p in shapes}
