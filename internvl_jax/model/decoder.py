@@ -78,8 +78,13 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None, rope: tuple[jax.Array, jax.Array],
-                 mask: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    def __call__(self, carry: tuple[jax.Array, jax.Array | None, jax.Array | None], layer: jax.Array,
+                 rope: tuple[jax.Array, jax.Array], mask: jax.Array, index: jax.Array
+                 ) -> tuple[tuple[jax.Array, jax.Array | None, jax.Array | None], None]:
+        """`carry` = (hidden, all layers' keys, all layers' values): the whole cache rides in the scan carry
+        and only this layer's new slots are written, in place (as scan outputs it would be re-stacked,
+        i.e. copied, at every step)."""
+        x, k_all, v_all = carry
         c, pd = self.cfg, self.param_dtype
         b, t, _ = x.shape
         with jax.named_scope("attention"):
@@ -91,10 +96,12 @@ class DecoderLayer(nn.Module):
             v = Dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias,
                       param_dtype=pd, name="v")(y)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
-                v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
-                cache = (k, v)
+            if k_all is not None:
+                at = (layer, 0, index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
             q = q.reshape(b, t, c.num_kv_heads, c.groups, c.head_dim)
             out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, c.num_heads, c.head_dim)
             x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), c.o_bias, n_in=2, param_dtype=pd,
@@ -105,7 +112,7 @@ class DecoderLayer(nn.Module):
             up = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="up")(y)
             x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
                 activation(c.hidden_act)(gate) * up)
-        return x, cache
+        return (x, k_all, v_all), None
 
 
 class Decoder(nn.Module):
@@ -122,7 +129,7 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # layer index; rope, mask, slot shared
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.param_dtype, name="layers")
@@ -139,10 +146,10 @@ class Decoder(nn.Module):
         """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache."""
         rope = rope_tables(self.cfg, positions)
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
-        kv = (cache.k, cache.v) if cache is not None else None
-        x, kv = self.layers(x, kv, rope, mask, index)
+        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
+        (x, k, v), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), rope, mask, index)
         if cache is not None:
-            cache = KVCache(kv[0], kv[1], cache.index + x.shape[1])
+            cache = KVCache(k, v, cache.index + x.shape[1])
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,134 @@
+"""`internvl-jax`: generate | demo | convert | export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--model", required=True, help="checkpoint directory (or a hub id, downloaded when online)")
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--video", help="video path")
+    p.add_argument("--num-frames", type=int, default=None, help="frames sampled from --video")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--do-sample", action="store_true", default=None)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    p.add_argument("--mesh", help="device mesh such as data=2,tensor=4 (default: one device)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
+
+
+def messages_for(args: argparse.Namespace) -> list[dict]:
+    content: list[dict] = [{"type": "image", "url": i} for i in args.image]
+    if args.video:
+        content.append({"type": "video", "url": args.video})
+    content.append({"type": "text", "text": args.prompt})
+    messages = [{"role": "user", "content": content}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": args.system}]})
+    return messages
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from internvl_jax.engine.streaming import TextStreamer
+    from internvl_jax.hub import resolve
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.processing.processor import InternVLProcessor
+
+    t0 = time.perf_counter()
+    directory = resolve(args.model)
+    mesh = None
+    if args.mesh:
+        from internvl_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    processor = InternVLProcessor.from_pretrained(directory)
+    t1 = time.perf_counter()
+    template_kwargs = {"num_frames": args.num_frames} if args.num_frames else {}
+    inputs = processor.apply_chat_template([messages_for(args)], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, padding=True, return_tensors="np", **template_kwargs)
+    t2 = time.perf_counter()
+    gen = {k: v for k, v in {
+        "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+        "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+    }.items() if v is not None}
+    first: list[float] = []
+
+    def decode(ids: list[int]) -> str:
+        return processor.decode(ids, skip_special_tokens=True)
+
+    def on_text(piece: str) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        if args.stream and not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    streamer = TextStreamer(decode, on_text=on_text) if args.stream else None
+    ids = inputs["input_ids"]
+    out = model.generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"), streamer=streamer, **gen)
+    t3 = time.perf_counter()
+    new = [int(t) for t in out[0, ids.shape[1]:]]
+    text = decode(new)
+    if args.json:
+        print(json.dumps({
+            "text": text, "token_ids": new, "prompt_tokens": int(ids.shape[1]),
+            "timings": {"load_s": round(t1 - t0, 4), "preprocess_s": round(t2 - t1, 4),
+                        "generate_s": round(t3 - t2, 4),
+                        "first_text_s": round(first[0] - t2, 4) if first else None,
+                        "new_tokens_per_s": round(len(new) / max(t3 - t2, 1e-9), 2)},
+        }))
+    elif args.stream:
+        print()
+    else:
+        print(text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from internvl_jax.demo import make_demo_checkpoint
+
+    path = make_demo_checkpoint(args.out, seed=args.seed, force=args.force)
+    print(f"wrote a random-weight demo checkpoint to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="internvl-jax", description="InternVL3 in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_args(sub.add_parser("generate", help="answer one prompt (with images or a video)"))
+    demo = sub.add_parser("demo", help="write a small random-weight checkpoint (no download needed)")
+    demo.add_argument("out", help="directory to create")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    sub.add_parser("convert", help="PyTorch safetensors -> orbax (see: internvl-jax convert --help)", add_help=False)
+    sub.add_parser("export", help="our checkpoint -> -hf safetensors (see: internvl-jax export --help)",
+                   add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("convert", "export"):
+        import convert.__main__ as conv
+
+        return int(getattr(conv, f"{argv[0]}_main")(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    except (FileNotFoundError, ValueError, MemoryError) as e:
+        # User errors get one line naming the problem, not a traceback.
+        print(f"internvl-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
