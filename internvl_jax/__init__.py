@@ -13,7 +13,7 @@ _PUBLIC = {
     "InternVL": "internvl_jax.modeling",
     "InternVLConfig": "internvl_jax.config",
     "InternVLProcessor": "internvl_jax.processing.processor",
-    "pipeline": "internvl_jax.pipeline",
+    "pipeline": "internvl_jax.pipelines",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

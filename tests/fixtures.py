@@ -16,6 +16,21 @@ import pathlib
 
 import numpy as np
 
+from internvl_jax.processing import checkpoint_files
+from internvl_jax.processing.checkpoint_files import (  # noqa: F401  (re-exported for the tests)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERNVL_ADDED_TOKENS,
+    INTERNVL_HF_CHAT_TEMPLATE,
+    QWEN25_FIRST_SPECIAL_ID,
+    QWEN25_SPECIAL_TOKENS,
+    all_added_tokens,
+    preprocessor_config,
+    processor_config,
+    tokenizer_config,
+    video_preprocessor_config,
+)
+
 # --- Qwen2 / InternVL3 tokenizer facts -------------------------------------------------------------------
 
 # Qwen2's pre-tokenizer split regex (the same string Qwen2's tokenizer.json and tiktoken's `pat_str` use).
@@ -23,70 +38,6 @@ QWEN2_SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-
-# Qwen2.5 special tokens 151643..151664; the last eight are "added but not special" in Qwen2.5's files.
-QWEN25_SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True),
-    ("<|box_start|>", True),
-    ("<|box_end|>", True),
-    ("<|quad_start|>", True),
-    ("<|quad_end|>", True),
-    ("<|vision_start|>", True),
-    ("<|vision_end|>", True),
-    ("<|vision_pad|>", True),
-    ("<|image_pad|>", True),
-    ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
-)
-QWEN25_FIRST_SPECIAL_ID = 151643
-
-# InternVL3's tokens, appended right after Qwen2.5's: <img> 151665 ... </box> 151673.
-INTERNVL_ADDED_TOKENS: tuple[str, ...] = (
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-)
-
-# The chat template the -hf checkpoints publish (no default system prompt).
-INTERNVL_HF_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-def all_added_tokens() -> list[tuple[int, str, bool]]:
-    """(id, content, special) for every added token of InternVL3-1B-hf, ids in file order."""
-    out = [(QWEN25_FIRST_SPECIAL_ID + i, tok, special) for i, (tok, special) in enumerate(QWEN25_SPECIAL_TOKENS)]
-    first = QWEN25_FIRST_SPECIAL_ID + len(QWEN25_SPECIAL_TOKENS)
-    out += [(first + i, tok, True) for i, tok in enumerate(INTERNVL_ADDED_TOKENS)]
-    return out
-
 
 # --- BPE from qwen.tiktoken ------------------------------------------------------------------------------
 
@@ -194,124 +145,9 @@ def qwen2_tokenizer_json() -> str:
 # --- processor files -------------------------------------------------------------------------------------
 
 
-def tokenizer_config() -> dict:
-    """tokenizer_config.json as the -hf conversion writes it (Qwen2.5-VL's tokenizer + InternVL tokens)."""
-    added = all_added_tokens()
-    extra_special = [tok for _, tok, special in added if special and tok != "<|endoftext|>"]
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(tid): {
-                "content": tok,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": special,
-            }
-            for tid, tok, special in added
-        },
-        "additional_special_tokens": extra_special,
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "context_image_token": "<IMG_CONTEXT>",
-        "end_image_token": "</img>",
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "extra_special_tokens": {
-            "context_image_token": "<IMG_CONTEXT>",
-            "end_image_token": "</img>",
-            "start_image_token": "<img>",
-            "video_token": "<video>",
-        },
-        "model_max_length": 8192,
-        "pad_token": "<|endoftext|>",
-        "processor_class": "InternVLProcessor",
-        "split_special_tokens": False,
-        "start_image_token": "<img>",
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-        "video_token": "<video>",
-    }
-
-
-def preprocessor_config() -> dict:
-    return {
-        "crop_size": None,
-        "crop_to_patches": True,
-        "data_format": "channels_first",
-        "default_to_square": True,
-        "device": None,
-        "disable_grouping": None,
-        "do_center_crop": None,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_processor_type": "GotOcr2ImageProcessorFast",
-        "image_std": IMAGENET_STD,
-        "input_data_format": None,
-        "max_patches": 12,
-        "min_patches": 1,
-        "processor_class": "InternVLProcessor",
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "return_tensors": None,
-        "size": {"height": 448, "width": 448},
-    }
-
-
-def video_preprocessor_config() -> dict:
-    return {
-        "crop_size": None,
-        "data_format": "channels_first",
-        "default_to_square": True,
-        "device": None,
-        "do_center_crop": None,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "do_sample_frames": False,
-        "fps": None,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
-        "initial_shift": True,
-        "input_data_format": None,
-        "num_frames": None,
-        "processor_class": "InternVLProcessor",
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "return_tensors": None,
-        "size": {"height": 448, "width": 448},
-        "size_divisor": None,
-        "video_metadata": None,
-        "video_processor_type": "InternVLVideoProcessor",
-    }
-
-
-def processor_config() -> dict:
-    return {"image_seq_length": 256, "processor_class": "InternVLProcessor"}
-
-
-def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def write_processor_files(dirpath: pathlib.Path) -> None:
-    """Write the processor side of an InternVL3-1B-hf checkpoint directory into `dirpath` (created if needed):
-    tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json,
-    video_preprocessor_config.json, processor_config.json. generation_config.json is not written here."""
-    dirpath = pathlib.Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
-    (dirpath / "tokenizer.json").write_text(qwen2_tokenizer_json(), encoding="utf-8")
-    _write_json(dirpath / "tokenizer_config.json", tokenizer_config())
-    (dirpath / "chat_template.jinja").write_text(INTERNVL_HF_CHAT_TEMPLATE, encoding="utf-8")
-    _write_json(dirpath / "preprocessor_config.json", preprocessor_config())
-    _write_json(dirpath / "video_preprocessor_config.json", video_preprocessor_config())
-    _write_json(dirpath / "processor_config.json", processor_config())
+    """The processor side of an InternVL3-1B-hf checkpoint with the real Qwen2 BPE tokenizer."""
+    checkpoint_files.write_processor_files(dirpath, qwen2_tokenizer_json())
 
 
 # --- test images and videos ------------------------------------------------------------------------------

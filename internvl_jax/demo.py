@@ -1,0 +1,71 @@
+"""A small random-weight checkpoint that the project makes itself, so everything runs offline.
+
+It has the real InternVL3 layout (448px tiles, 256 tokens per tile, the -hf chat template and processor
+configs, ids read from its own files) but tiny widths and a byte-level tokenizer (256 byte tokens, no
+merges) with InternVL's special tokens after them. Its weights are random: it answers gibberish. It
+exists to run the whole path (processor -> vision -> decoder -> generation -> text) without a download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.processing import checkpoint_files as files
+
+
+def _byte_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what a ByteLevel BPE vocabulary is written in)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> tuple[str, list[tuple[int, str, bool]]]:
+    """tokenizer.json text and the added tokens (ids from 256) of a byte-level tokenizer."""
+    vocab = {ch: b for b, ch in _byte_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    added = files.all_added_tokens(first_id=256)
+    for _, content, special in added:  # appended in order: ids 256, 257, ...
+        tok.add_tokens([AddedToken(content, special=special, normalized=False)])
+    assert tok.token_to_id(added[-1][1]) == added[-1][0]
+    return tok.to_str(), added
+
+
+def demo_config(image_token_id: int, vocab_size: int) -> InternVLConfig:
+    return InternVLConfig(
+        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        text=TextConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                        intermediate_size=256, vocab_size=vocab_size, rope_theta=1e6),
+        image_token_id=image_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    from internvl_jax.export import export_model
+    from internvl_jax.modeling import InternVL
+
+    tokenizer_json, added = byte_tokenizer()
+    ids = {content: i for i, content, _ in added}
+    # Room for the <video> token the processor adds after the last added token.
+    config = demo_config(ids["<IMG_CONTEXT>"], vocab_size=max(ids.values()) + 2)
+    model = InternVL.from_config(config, seed=seed)
+    with tempfile.TemporaryDirectory() as side:
+        files.write_processor_files(Path(side), tokenizer_json, added)
+        generation = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+                      "do_sample": False, "max_new_tokens": 32}
+        (Path(side) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return export_model(model, out, force=force, sidecar_from=Path(side))
