@@ -9,7 +9,7 @@ every mesh, and the memory planner reports what that costs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -70,13 +70,15 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.De
     return Mesh(grid, MESH_AXES)
 
 
-def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec of an array with these logical axes: a dim the mesh axis does not divide is replicated."""
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | Mapping[str, int]) -> PartitionSpec:
+    """PartitionSpec of an array with these logical axes: a dim the mesh axis does not divide is replicated.
+    `mesh` may be a Mesh or just its axis sizes (the memory planner has no devices)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     out: list[str | None] = []
     used: set[str] = set()
     for size, name in zip(shape, axes, strict=True):
         target = RULES.get(name) if name else None
-        if target is None or target in used or size % mesh.shape[target] or mesh.shape[target] == 1:
+        if target is None or target in used or size % sizes[target] or sizes[target] == 1:
             out.append(None)
         else:
             out.append(target)
@@ -102,3 +104,26 @@ def param_shardings(config: InternVLConfig, mesh: Mesh, dtype: str = "float32") 
     shapes = flatten_paths(InternVL.abstract_params(config, dtype))
     axes = logical_axes(config, dtype)
     return {p: NamedSharding(mesh, spec_for(shapes[p].shape, axes[p], mesh)) for p in shapes}
+
+
+# Logical axes of the KV cache ([layers, batch, slots, kv_heads, head_dim]) and of per-row inputs.
+CACHE_AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
+
+
+def cache_sharding(config: InternVLConfig, mesh: Mesh, batch: int, slots: int) -> NamedSharding:
+    t = config.text
+    shape = (t.num_layers, batch, slots, t.num_kv_heads, t.head_dim)
+    return NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Rows over the data axis (when it divides them), everything else replicated."""
+    return NamedSharding(mesh, spec_for(shape, ("batch",) + (None,) * (len(shape) - 1), mesh))
+
+
+def shard_shape(shape: Sequence[int], spec: PartitionSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape of an array with this spec."""
+    out = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        out.append(dim // (int(sizes.get(axis, 1)) if axis else 1))
+    return tuple(out)

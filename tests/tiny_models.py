@@ -81,7 +81,7 @@ def tokens_per_tile(cfg: dict, size: int | None = None) -> int:
 
 def prompt(rng: np.random.Generator, length: int, images: list[int], per_tile: int) -> list[int]:
     """Random text ids with, for each image, a run of image tokens (tiles x per_tile) at random places."""
-    ids = list(rng.integers(0, 1000, length))
+    ids = [int(x) for x in rng.integers(0, 1000, length)]
     for n, tiles in enumerate(images):
         at = 1 + (n + 1) * max(1, length // (len(images) + 1))
         ids[at:at] = [IMAGE_TOKEN] * (tiles * per_tile)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -24,10 +25,12 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internvl_jax.engine.sampling import SamplingConfig, choose
 from internvl_jax.model.decoder import KVCache
-from internvl_jax.model.internvl import InternVLModule
+from internvl_jax.model.internvl import InternVLModule, feature_index
+from internvl_jax.sharding import batch_sharding, cache_sharding
 
 MIN_PROMPT_BUCKET = 16
 STREAM_CHUNK = 8
@@ -61,7 +64,10 @@ class DecodeState(NamedTuple):
 # ----- memory -----
 def free_memory_bytes(device: jax.Device) -> int | None:
     """Bytes still free on `device` (host RAM for CPU devices); None when it cannot be told."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # not every backend reports memory
+        stats = None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     try:
@@ -80,7 +86,7 @@ def check_cache_fits(cfg, batch: int, slots: int, dtype: jnp.dtype, device: jax.
     itemsize = jnp.dtype(dtype).itemsize
     need = 2 * t.num_layers * batch * slots * t.num_kv_heads * t.head_dim * itemsize
     need += batch * t.vocab_size * (4 + 1)  # next-token logits and the repetition-penalty mask
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     free = free_memory_bytes(device)
     if free is not None and need > free:
         raise MemoryError(
@@ -105,9 +111,9 @@ def _slot_mask(query_slots: jax.Array, kv_mask: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _prefill_fn(module: InternVLModule) -> Callable:
-    def prefill(params, ids, pixels, positions, kv_mask, cache):
+    def prefill(params, ids, pixels, positions, kv_mask, cache, index):
         mask = _slot_mask(jnp.arange(ids.shape[1]), kv_mask)
-        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, 1)
+        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, 1, index)
         return logits[:, -1], cache
 
     return jax.jit(prefill, donate_argnums=(5,))
@@ -143,17 +149,54 @@ def _decode_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
 
 
 # ----- host driver -----
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Bucketed shapes of one generate call; every process of a multi-host run uses the same."""
+
+    rows: int  # rows each process contributes (its real rows, then empty ones)
+    length: int  # prompt slots
+    tiles: int  # tiles each process contributes
+    slots: int  # KV cache slots
+    processes: int = 1
+    real_rows: tuple[int, ...] = (0,)  # real rows of each process
+
+
+def plan_layout(b: int, t: int, n_tiles: int, max_new: int, mesh: Mesh | None) -> Layout:
+    """Shapes for this call. With several processes they agree on the largest local sizes first."""
+    processes = jax.process_count() if mesh is not None else 1
+    real_rows: tuple[int, ...] = (b,)
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        stats = np.asarray(multihost_utils.process_allgather(np.array([b, t, n_tiles], np.int32))).reshape(-1, 3)
+        real_rows = tuple(int(r) for r in stats[:, 0])
+        b, t, n_tiles = (int(x) for x in stats.max(axis=0))
+    rows, tiles = bucket(b), bucket(n_tiles) if n_tiles else 0
+    if mesh is not None:
+        data = mesh.shape["data"]
+        if processes > 1 and data % processes:
+            raise ValueError(f"a {processes}-process generate needs the mesh's data axis ({data}) to be a multiple "
+                             "of the process count: each process feeds its own rows")
+        need = data // math.gcd(data, processes)  # rows (and tiles) per process so the data axis divides them
+        rows = -(-rows // need) * need
+        tiles = -(-tiles // need) * need if tiles else 0
+    length = bucket(t, MIN_PROMPT_BUCKET)
+    return Layout(rows, length, tiles, bucket(length + max_new, 64), processes, real_rows)
+
+
 @dataclasses.dataclass
 class Prepared:
-    ids: np.ndarray  # [B, T] bucketed
-    kv_mask: np.ndarray  # [B, S]
-    positions: np.ndarray  # [B, T]
-    pixels: np.ndarray | None
-    rows: int  # real rows
-    slots: int
+    """This process's block of every per-row input (bucketed, left padded)."""
+
+    ids: np.ndarray  # [rows, length]
+    kv_mask: np.ndarray  # [rows, slots]
+    positions: np.ndarray  # [rows, length]
+    index: np.ndarray  # [rows, length]: feature row of each image token in the global tile array
+    pixels: np.ndarray | None  # [tiles, 3, H, W]
 
 
-def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, max_new: int, pad: int) -> Prepared:
+def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, lay: Layout, pad: int,
+            max_new: int) -> Prepared:
     b, t = ids.shape
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
@@ -162,30 +205,81 @@ def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, m
     if int(lengths.max()) + max_new > limit:
         raise ValueError(f"prompt of {int(lengths.max())} tokens + max_new_tokens {max_new} exceeds the model's "
                          f"maximum length {limit}")
-    tb, bb = bucket(t, MIN_PROMPT_BUCKET), bucket(b)
-    slots = bucket(tb + max_new, 64)
-    full_ids = np.full((bb, tb), pad, np.int32)
+    tb = lay.length
+    full_ids = np.full((lay.rows, tb), pad, np.int32)
     full_ids[:b, tb - t:] = ids
-    kv_mask = np.zeros((bb, slots), bool)
+    kv_mask = np.zeros((lay.rows, lay.slots), bool)
     kv_mask[:b, tb - t: tb] = mask.astype(bool)
-    positions = np.zeros((bb, tb), np.int32)
+    positions = np.zeros((lay.rows, tb), np.int32)
     positions[:b, tb - t:] = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
-    if pixels is not None:
-        n = pixels.shape[0]
-        padded = np.zeros((bucket(n), *pixels.shape[1:]), pixels.dtype)
-        padded[:n] = pixels
+    # This process's tiles sit at block `process_index` of the global tile array.
+    offset = jax.process_index() * lay.tiles * cfg.image_seq_length if lay.processes > 1 else 0
+    index = feature_index(full_ids, cfg.image_token_id, offset)
+    if lay.tiles:
+        padded = np.zeros((lay.tiles, *cfg_pixel_shape(cfg, pixels)), np.float32 if pixels is None else pixels.dtype)
+        if pixels is not None:
+            padded[: pixels.shape[0]] = pixels
         pixels = padded
-    return Prepared(full_ids, kv_mask, positions, pixels, b, slots)
+    return Prepared(full_ids, kv_mask, positions, index, pixels)
+
+
+def cfg_pixel_shape(cfg, pixels: np.ndarray | None) -> tuple[int, ...]:
+    if pixels is not None:
+        return tuple(pixels.shape[1:])
+    v = cfg.vision
+    return (v.num_channels, v.image_size, v.image_size)
+
+
+def to_global(local: np.ndarray, mesh: Mesh | None, processes: int) -> jax.Array:
+    """A per-row host block -> a device array split over the data axis (global over processes)."""
+    if mesh is None:
+        return jnp.asarray(local)
+    shape = (local.shape[0] * processes, *local.shape[1:])
+    sharding = batch_sharding(mesh, shape)
+    if processes == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def gather_rows(x: jax.Array, lay: Layout) -> np.ndarray:
+    """Device rows -> host, every process's real rows in process order (multi-host: all-gathered)."""
+    if lay.processes == 1:
+        return np.asarray(x[: lay.real_rows[0]])
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.concatenate([full[p * lay.rows: p * lay.rows + n] for p, n in enumerate(lay.real_rows)])
+
+
+def host_scalar(x: jax.Array) -> int:
+    return int(np.asarray(x.addressable_data(0)))
 
 
 def run(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
         streamer: Streamer | None = None, **kwargs: Any) -> np.ndarray:
-    """transformers-style generate: [b, prompt + new] ids, rows padded with pad_token_id after they end."""
+    """transformers-style generate: [b, prompt + new] ids, rows padded with pad_token_id after they end.
+
+    In a multi-process run each process passes its own rows; the result holds every process's rows in
+    process order (prompts left padded to the longest)."""
     chunks = list(stream(model, input_ids, pixel_values, attention_mask, streamer=streamer, **kwargs))
     ids = np.asarray(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
+    if jax.process_count() > 1 and getattr(model, "mesh", None) is not None:
+        ids = _gather_prompts(ids, attention_mask, model.generation_config.update(**kwargs))
     new = np.concatenate(chunks, axis=1) if chunks else np.zeros((ids.shape[0], 0), np.int32)
     return np.concatenate([ids.astype(np.int64), new.astype(np.int64)], axis=1)
+
+
+def _gather_prompts(ids: np.ndarray, attention_mask: Any, sc: SamplingConfig) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
+    counts = np.asarray(multihost_utils.process_allgather(np.array(ids.shape, np.int32))).reshape(-1, 2)
+    rows, width = int(counts[:, 0].max()), int(counts[:, 1].max())
+    block = np.full((rows, width), pad, np.int64)
+    block[: ids.shape[0], width - ids.shape[1]:] = ids
+    full = np.asarray(multihost_utils.process_allgather(block, tiled=True))
+    return np.concatenate([full[p * rows: p * rows + int(n)] for p, n in enumerate(counts[:, 0])])
 
 
 def stream(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
@@ -193,40 +287,51 @@ def stream(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any 
     """Yield new tokens [b, n] as they are produced (chunks of `chunk` steps; all at once when None and no
     streamer is given)."""
     cfg = model.config
+    mesh: Mesh | None = getattr(model, "mesh", None)
     sc = model.generation_config.update(**kwargs)
     pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
     sc = dataclasses.replace(sc, pad_token_id=pad)
     ids, pixels, mask = model._inputs(input_ids, pixel_values, attention_mask)
-    prep = prepare(cfg, ids, mask, pixels, sc.max_new_tokens, pad)
-    bb = prep.ids.shape[0]
-    check_cache_fits(cfg, bb, prep.slots, model.dtype)
+    lay = plan_layout(ids.shape[0], ids.shape[1], 0 if pixels is None else pixels.shape[0], sc.max_new_tokens, mesh)
+    prep = prepare(cfg, ids, mask, pixels, lay, pad, sc.max_new_tokens)
+    total = lay.rows * lay.processes
+    check_cache_fits(cfg, total // (mesh.shape["data"] if mesh is not None else 1), lay.slots, model.dtype)
 
-    cache = KVCache.zeros(cfg.text, bb, prep.slots, model.dtype)
-    logits, cache = _prefill_fn(model.module)(model.params, prep.ids, prep.pixels, prep.positions,
-                                              prep.kv_mask, cache)
+    def put(x: np.ndarray) -> jax.Array:
+        return to_global(x, mesh, lay.processes)
+
+    if mesh is None:
+        cache = KVCache.zeros(cfg.text, total, lay.slots, model.dtype)
+    else:  # allocated in place, already split as the rules table says
+        shard = cache_sharding(cfg, mesh, total, lay.slots)
+        cache = jax.jit(lambda: KVCache.zeros(cfg.text, total, lay.slots, model.dtype),
+                        out_shardings=KVCache(shard, shard, NamedSharding(mesh, PartitionSpec())))()
+    pixels_dev = None if prep.pixels is None else put(prep.pixels)
+    logits, cache = _prefill_fn(model.module)(model.params, put(prep.ids), pixels_dev, put(prep.positions),
+                                              put(prep.kv_mask), cache, put(prep.index))
     seen_width = cfg.text.vocab_size if sc.repetition_penalty != 1.0 else 0
-    seen = np.zeros((bb, seen_width), bool)
-    if seen_width:  # transformers penalises every id of the prompt, padding included
-        np.put_along_axis(seen, prep.ids.astype(np.int64), True, axis=1)
-    done = np.arange(bb) >= prep.rows
-    state = DecodeState(cache, jnp.asarray(prep.kv_mask), logits, jnp.asarray(prep.positions[:, -1] + 1),
-                        jnp.zeros((bb, prep.slots), jnp.int32), jnp.zeros((), jnp.int32), jnp.asarray(done),
-                        jax.random.PRNGKey(sc.seed), jnp.asarray(seen))
+    seen = np.zeros((lay.rows, seen_width), bool)
+    if seen_width:  # transformers penalises every id of the prompt as given, its padding included
+        np.put_along_axis(seen[: ids.shape[0]], ids.astype(np.int64), True, axis=1)
+    done = np.arange(lay.rows) >= ids.shape[0]
+    state = DecodeState(cache, put(prep.kv_mask), logits, put(prep.positions[:, -1] + 1),
+                        put(np.zeros((lay.rows, lay.slots), np.int32)), np.int32(0), put(done),
+                        np.asarray(jax.random.PRNGKey(sc.seed)), put(seen))
     rule = dataclasses.replace(sc, seed=0, max_new_tokens=1)
     decode = _decode_fn(model.module, rule)
     step = chunk or (STREAM_CHUNK if streamer is not None else sc.max_new_tokens)
     emitted = 0
     while emitted < sc.max_new_tokens:
         limit = min(emitted + step, sc.max_new_tokens)
-        state = decode(model.params, state, jnp.int32(limit))
-        reached = int(state.step)
+        state = decode(model.params, state, np.int32(limit))
+        reached = host_scalar(state.step)
         if reached > emitted:
-            new = np.asarray(state.tokens[: prep.rows, emitted:reached])
+            new = gather_rows(state.tokens[:, emitted:reached], lay)
             if streamer is not None:
                 streamer.put(new)
             yield new
             emitted = reached
-        if reached < limit or bool(jnp.all(state.done)):
+        if reached < limit or host_scalar(jnp.all(state.done)):
             break
     if streamer is not None:
         streamer.end()

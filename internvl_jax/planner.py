@@ -1,0 +1,111 @@
+"""Memory planner: per-device bytes of weights, KV cache and activations for a config on a mesh.
+
+Uses abstract shapes only (nothing is allocated) and the same rules table as the real shardings, so
+weights and cache figures are exact (a test compares them with real arrays); activations are an estimate
+of the prefill peak (the largest live tensors of one layer), stated as such.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.sharding import CACHE_AXES, MESH_AXES, logical_axes, shard_shape, spec_for
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    weights: int  # bytes per device
+    cache: int
+    activations: int  # estimate
+    device_memory: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.activations
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+    def report(self) -> str:
+        lines = [f"{'weights':<12}{self.weights / GiB:10.2f} GiB per device",
+                 f"{'KV cache':<12}{self.cache / GiB:10.2f} GiB per device",
+                 f"{'activations':<12}{self.activations / GiB:10.2f} GiB per device (prefill estimate)",
+                 f"{'total':<12}{self.total / GiB:10.2f} GiB per device"]
+        if self.device_memory is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"{verdict} in {self.device_memory / GiB:.1f} GiB per device")
+        return "\n".join(lines)
+
+
+def _sizes(mesh: Mapping[str, int]) -> dict[str, int]:
+    unknown = set(mesh) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+    return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def weight_bytes(config: InternVLConfig, mesh: Mapping[str, int], dtype: str = "bfloat16") -> int:
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.weights import flatten_paths
+
+    sizes = _sizes(mesh)
+    shapes = flatten_paths(InternVL.abstract_params(config, dtype))
+    axes = logical_axes(config, dtype)
+    item = jnp.dtype(dtype).itemsize
+    return sum(math.prod(shard_shape(s.shape, spec_for(s.shape, axes[p], sizes), sizes)) * item
+               for p, s in shapes.items())
+
+
+def cache_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, slots: int,
+                dtype: str = "bfloat16") -> int:
+    sizes = _sizes(mesh)
+    t = config.text
+    shape = (t.num_layers, batch, slots, t.num_kv_heads, t.head_dim)
+    per_device = shard_shape(shape, spec_for(shape, CACHE_AXES, sizes), sizes)
+    return 2 * math.prod(per_device) * jnp.dtype(dtype).itemsize
+
+
+def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int,
+                     dtype: str = "bfloat16") -> int:
+    """Prefill peak estimate: one decoder layer's largest live tensors, or the vision tower's on the tiles."""
+    sizes = _sizes(mesh)
+    dp, tp = sizes["data"], sizes["tensor"]
+    t, v = config.text, config.vision
+    item = jnp.dtype(dtype).itemsize
+    b = -(-batch // dp)
+    heads = -(-t.num_heads // tp)
+    text = (4 * b * seq * t.hidden_size * item  # residual, normed input, attention and MLP outputs
+            + 3 * b * seq * -(-t.intermediate_size // tp) * item  # gate, up, their product
+            + 2 * b * heads * seq * seq * 4  # attention scores and probabilities, float32
+            + b * -(-t.vocab_size // tp) * 4)  # last-position logits
+    n = -(-tiles // dp)
+    s = v.grid * v.grid + 1
+    vision = (4 * n * s * v.hidden_size * item + 2 * n * s * -(-v.intermediate_size // tp) * item
+              + 2 * n * -(-v.num_heads // tp) * s * s * 4)
+    return max(text, vision)
+
+
+def plan(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int = 0,
+         dtype: str = "bfloat16", device_memory: int | None = None) -> Plan:
+    """Per-device memory of serving `batch` sequences of `seq` tokens (prompt + new) with `tiles` tiles."""
+    return Plan(weight_bytes(config, mesh, dtype), cache_bytes(config, mesh, batch, seq, dtype),
+                activation_bytes(config, mesh, batch, seq, tiles, dtype), device_memory)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80GiB', '141e9' -> bytes (GB = 1e9, GiB = 2**30)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1}
+    s = text.strip().lower()
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(float(s))

@@ -1,0 +1,77 @@
+"""Run in a subprocess with 8 virtual CPU devices (see test_sharding.py): logits, greedy tokens, parameter
+shardings and per-device bytes on several meshes, printed as one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from internvl_jax import InternVL  # noqa: E402
+from internvl_jax import weights as W  # noqa: E402
+from internvl_jax.planner import cache_bytes, weight_bytes  # noqa: E402
+from internvl_jax.sharding import logical_axes, make_mesh, spec_for  # noqa: E402
+from tests import tiny_models as tm  # noqa: E402
+
+MESHES = {"1x1": "data=1", "8x1": "data=8", "1x8": "tensor=8", "2x4": "data=2,tensor=4", "4x2": "data=4,tensor=2"}
+
+
+def main(out: str) -> None:
+    # 2 KV heads (fewer than the tensor axis) and 6 vision heads (not a divisor of 4 or 8).
+    vision = dict(tm.VISION, hidden_size=48, num_attention_heads=6)
+    text = dict(tm.TEXT, num_attention_heads=8, num_key_value_heads=2)
+    cfg = tm.hf_config(vision, text)
+    path = tm.save(tm.torch_model(cfg, seed=4), Path(tempfile.mkdtemp()) / "ckpt")
+    rng = np.random.default_rng(0)
+    per = tm.tokens_per_tile(cfg)
+    rows = [tm.prompt(rng, 10 + 3 * i, [1] if i % 3 == 0 else [], per) for i in range(6)]
+    ids, mask = tm.left_pad(rows)
+    px = rng.standard_normal((2, 3, 56, 56)).astype(np.float32)
+
+    base = InternVL.from_pretrained(path)
+    ref_logits = np.asarray(base(ids, px, mask))
+    ref_tokens = base.generate(ids, px, mask, max_new_tokens=12)
+    result: dict = {"ref_max": float(np.abs(ref_logits).max())}
+    for name, spec in MESHES.items():
+        devices = jax.devices()[:1] if name == "1x1" else None
+        mesh = make_mesh(spec, devices)
+        model = InternVL.from_pretrained(path, mesh=mesh)
+        logits = np.asarray(model(ids, px, mask))
+        tokens = model.generate(ids, px, mask, max_new_tokens=12)
+        axes = logical_axes(model.config)
+        flat = W.flatten_paths(model.params)
+        wrong = [p for p, a in flat.items() if a.sharding.spec != spec_for(a.shape, axes[p], mesh)]
+        dev0 = jax.devices()[0]
+        actual = sum(s.data.nbytes for a in flat.values() for s in a.addressable_shards if s.device == dev0)
+        specs = {p: [str(x) for x in flat[p].sharding.spec] for p in
+                 ("text/embedding", "text/lm_head", "text/layers/q/kernel", "text/layers/k/kernel",
+                  "vision/layers/q/kernel", "vision/layers/fc1/kernel")}
+        from internvl_jax.engine.generate import KVCache  # noqa: F401  (cache sharding checked below)
+        from internvl_jax.sharding import cache_sharding
+
+        cache_spec = [str(x) for x in cache_sharding(model.config, mesh, 8, 64).spec]
+        cache_planned = cache_bytes(model.config, dict(mesh.shape), 8, 64, "float32")
+        cache = jax.jit(lambda: jax.numpy.zeros((2, 8, 64, 2, 8), "float32"),
+                        out_shardings=cache_sharding(model.config, mesh, 8, 64))()
+        cache_actual = 2 * max(s.data.nbytes for s in cache.addressable_shards)
+        result[name] = {
+            "logit_err": float(np.abs(logits - ref_logits)[mask.astype(bool)].max()),
+            "tokens_equal": bool((tokens == ref_tokens).all()),
+            "wrong_specs": wrong, "specs": specs, "param_bytes_dev0": int(actual),
+            "planned_param_bytes": int(weight_bytes(model.config, dict(mesh.shape), "float32")),
+            "cache_spec": cache_spec, "cache_planned": int(cache_planned), "cache_actual": int(cache_actual),
+        }
+    Path(out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,76 @@
+"""Sharded runs on 8 virtual CPU devices (in a subprocess: the device count is fixed when JAX starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl_jax.planner import parse_bytes, plan
+from internvl_jax.presets import preset
+from internvl_jax.sharding import RULES, make_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+MESHES = ["1x1", "8x1", "1x8", "2x4", "4x2"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh") / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "tests.mesh_worker", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_logits_and_greedy_tokens_equal_single_device(results, mesh):
+    r = results[mesh]
+    assert r["logit_err"] <= 1e-4 * max(1.0, results["ref_max"])
+    assert r["tokens_equal"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_every_parameter_sharded_as_the_rules_table_says(results, mesh):
+    r = results[mesh]
+    assert r["wrong_specs"] == []
+    assert r["param_bytes_dev0"] == r["planned_param_bytes"]  # the planner predicts the real arrays
+    assert r["cache_actual"] == r["cache_planned"]
+
+
+def test_tensor_axis_shards_heads_mlp_vocab_and_replicates_what_does_not_divide(results):
+    s = results["2x4"]["specs"]
+    assert s["text/layers/q/kernel"] == ["None", "None", "tensor", "None"]  # 8 query heads / 4
+    assert s["text/layers/k/kernel"] == ["None", "None", "None", "None"]  # 2 KV heads: replicated
+    assert s["vision/layers/q/kernel"] == ["None", "None", "None", "None"]  # 6 vision heads: replicated
+    assert s["vision/layers/fc1/kernel"] == ["None", "None", "tensor"]
+    assert s["text/embedding"] == ["tensor", "None"] and s["text/lm_head"] == ["None", "tensor"]
+    assert results["2x4"]["cache_spec"] == ["None", "data", "None", "None", "None"]
+    assert results["1x8"]["param_bytes_dev0"] < results["2x4"]["param_bytes_dev0"] < results["8x1"][
+        "param_bytes_dev0"]
+
+
+def test_planner_78b_needs_more_than_one_80gb_device_but_fits_eight():
+    cfg = preset("InternVL3-78B")
+    one = plan(cfg, {}, batch=1, seq=4096, tiles=13, dtype="bfloat16", device_memory=parse_bytes("80GB"))
+    eight = plan(cfg, {"tensor": 8}, batch=1, seq=4096, tiles=13, dtype="bfloat16",
+                 device_memory=parse_bytes("80GB"))
+    assert not one.fits and eight.fits
+    assert 150e9 < one.weights < 160e9 and eight.weights < one.weights / 7
+    assert "does NOT fit" in one.report() and "fits in" in eight.report()
+
+
+def test_mesh_strings():
+    import jax
+
+    n = len(jax.devices())
+    assert make_mesh(None).shape["data"] == n
+    with pytest.raises(ValueError, match="axis 'model'"):
+        make_mesh("model=2")
+    with pytest.raises(ValueError, match="has 3 devices"):
+        make_mesh("data=3")
+    assert set(RULES.values()) <= {None, "data", "fsdp", "tensor"}
