@@ -1,4 +1,4 @@
-"""`internvl-jax`: generate | demo | convert | export."""
+"""`internvl-jax`: generate | demo | convert | export | batch | eval | bench | plan."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
     p.add_argument("--mesh", help="device mesh such as data=2,tensor=4 (default: one device)")
+    p.add_argument("--coordinator", help="host:port of process 0: join a jax.distributed job (multi-host)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
 
@@ -46,6 +49,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from internvl_jax.modeling import InternVL
     from internvl_jax.processing.processor import InternVLProcessor
 
+    if args.coordinator:  # every process runs this same command with its own --process-id
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     t0 = time.perf_counter()
     directory = resolve(args.model)
     mesh = None
@@ -97,12 +105,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from internvl_jax.planner import parse_bytes, plan
+    from internvl_jax.presets import preset
+
+    mesh = dict((k.strip(), int(v)) for k, v in (p.split("=") for p in args.mesh.split(",") if p.strip()))
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    result = plan(preset(args.preset), mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
+    print(f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
+          f"{args.tiles} tiles")
+    print(result.report())
+    return 0 if result.fits in (None, True) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from internvl_jax.demo import make_demo_checkpoint
 
     path = make_demo_checkpoint(args.out, seed=args.seed, force=args.force)
     print(f"wrote a random-weight demo checkpoint to {path}")
     return 0
+
+
+# ----- batch / eval runners (internvl_jax/runners; see docs/runners.md) -----
+def _add_runner_commands(sub: argparse._SubParsersAction) -> None:
+    from internvl_jax.runners.commands import add_arguments
+
+    add_arguments(sub.add_parser("batch", help="answer a JSONL file of prompts (resumable, shardable)"), "batch")
+    add_arguments(sub.add_parser("eval", help="score a benchmark (VLMEvalKit TSV / JSONL): resumable, shardable"),
+                  "eval")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from internvl_jax.runners import commands
+
+    commands.check_arguments(args)
+    return commands.cmd_batch(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from internvl_jax.runners import commands
+
+    commands.check_arguments(args)
+    return commands.cmd_eval(args)
+
+
+RUNNER_COMMANDS = {"batch": cmd_batch, "eval": cmd_eval}
+# ----- end of the runners block -----
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,14 +164,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("convert", help="PyTorch safetensors -> orbax (see: internvl-jax convert --help)", add_help=False)
     sub.add_parser("export", help="our checkpoint -> -hf safetensors (see: internvl-jax export --help)",
                    add_help=False)
+    _add_runner_commands(sub)
+    sub.add_parser("bench", help="speed of a family-shape model, optionally beside torch (bench --help)",
+                   add_help=False)
+    p = sub.add_parser("plan", help="per-device memory of a preset on a mesh (no allocation)")
+    p.add_argument("--preset", default="InternVL3-1B")
+    p.add_argument("--mesh", default="", help="e.g. data=2,tensor=4 (default: one device)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=4096, help="prompt + new tokens per sequence")
+    p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("convert", "export"):
         import convert.__main__ as conv
 
         return int(getattr(conv, f"{argv[0]}_main")(argv[1:]) or 0)
+    if argv and argv[0] == "bench":
+        from internvl_jax.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan, **RUNNER_COMMANDS}[args.command](args)
     except (FileNotFoundError, ValueError, MemoryError) as e:
         # User errors get one line naming the problem, not a traceback.
         print(f"internvl-jax {args.command}: error: {e}", file=sys.stderr)

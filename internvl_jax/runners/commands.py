@@ -1,0 +1,230 @@
+"""`internvl-jax batch` and `internvl-jax eval`: one driver, two kinds of input and of final output."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from internvl_jax.runners import shards
+from internvl_jax.runners.records import Request, id_key, read_prompts, read_table
+from internvl_jax.runners.shards import RunMismatch, Share
+
+GENERATION_ARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a run needs besides the model: its requests, where its parts go, how the merge finishes."""
+
+    kind: str
+    requests: list[Request]
+    base: Path  # part files are <base>.part<I>-of-<N>
+    run_file: Path  # the run's settings (fingerprint)
+    finish: Callable[[list[bytes]], str]  # merged lines (input order) -> writes the final files, says what
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in GENERATION_ARGS if getattr(args, k, None) is not None}
+
+
+def template_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in {"num_frames": args.num_frames, "max_patches": args.max_patches}.items()
+            if v is not None}
+
+
+def resolve_share(args: argparse.Namespace) -> tuple[Share, bool]:
+    """(this process's share, whether it runs under jax.distributed)."""
+    if args.coordinator:
+        if args.shard:
+            raise ValueError("give either --shard or --coordinator/--num-processes/--process-id, not both")
+        if args.num_processes is None or args.process_id is None:
+            raise ValueError("--coordinator needs --num-processes and --process-id")
+        return shards.init_distributed(args.coordinator, args.num_processes, args.process_id), True
+    return (Share.parse(args.shard) if args.shard else Share()), False
+
+
+def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: Sequence[Request]) -> dict:
+    """Everything that changes an answer: a resume or another process must use the same."""
+    from internvl_jax.engine.sampling import SamplingConfig
+
+    sampling = SamplingConfig.from_checkpoint(directory).update(**generation_kwargs(args))
+    ids = hashlib.sha256("\n".join(id_key(r.id) for r in requests).encode("utf-8")).hexdigest()
+    fp = {"kind": kind, "model": str(directory.resolve()), "dtype": args.dtype, "records": len(requests),
+          "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
+          "system": args.system, "save_token_ids": args.save_token_ids}
+    return json.loads(json.dumps(fp))  # as it reads back from the file (tuples become lists)
+
+
+def execute(job: Job, args: argparse.Namespace, share: Share, distributed: bool, directory: Path | None) -> int:
+    requests = job.requests
+    parts = shards.find_parts(job.base)
+
+    def check(row: Any, rid: Any) -> str | None:
+        if not isinstance(row, int) or not 0 <= row < len(requests):
+            return f"row {row!r} is outside the input's {len(requests)} records"
+        if id_key(requests[row].id) != id_key(rid):
+            return f"row {row} has id {rid!r} but the input's record {row} has id {requests[row].id!r}"
+        return None
+
+    if not args.merge_only:
+        own = shards.part_path(job.base, share)
+        shards.repair_tail(own)
+        done = shards.load_done(shards.find_parts(job.base), check)
+        pending = [r for r in requests if share.owns(r.row) and r.row not in done]
+        mine = sum(share.owns(r.row) for r in requests)
+        print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {mine} records, "
+              f"{mine - len(pending)} already done, {len(pending)} to do", file=sys.stderr)
+        if pending:
+            stats = _run(pending, own, args, distributed, directory)
+            print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {stats.line()}", file=sys.stderr)
+        parts = shards.find_parts(job.base)
+    if distributed:
+        shards.barrier("internvl-jax-runner-finished")
+        if share.index != 0:
+            return 0  # process 0 merges, once
+    lines, missing = shards.merged_lines(parts, len(requests), check)
+    if lines is None:
+        message = f"{missing} of {len(requests)} records are not done yet"
+        if args.merge_only:
+            raise RunMismatch(f"cannot merge: {message} (run the missing shards first)")
+        print(f"internvl-jax {job.kind}: {message}; the last shard to finish writes the final output "
+              "(or run again with --merge-only)", file=sys.stderr)
+        return 0
+    print(f"internvl-jax {job.kind}: {job.finish(lines)}", file=sys.stderr)
+    return 0
+
+
+def _run(pending: list[Request], part: Path, args: argparse.Namespace, distributed: bool, directory: Path):
+    # Imported here: JAX and the model are needed only when there is something to generate.
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.processing.processor import InternVLProcessor
+    from internvl_jax.runners.batch import RunOptions, run_share
+
+    mesh = None
+    if args.mesh:
+        if distributed:
+            # The engine treats a mesh in a multi-process job as one global mesh fed in lockstep; runner
+            # processes work independently, each on its own devices.
+            raise ValueError("--mesh cannot be combined with --coordinator yet; use --shard per process")
+        from internvl_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    if args.do_sample:
+        print("internvl-jax: note: sampled answers depend on which rows share a batch, so a resumed or sharded "
+              "run is not token-identical to an uninterrupted one (greedy runs are)", file=sys.stderr)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    processor = InternVLProcessor.from_pretrained(directory)
+    opts = RunOptions(batch_size=args.batch_size, window=args.window, generation=generation_kwargs(args),
+                      template=template_kwargs(args), save_token_ids=args.save_token_ids,
+                      progress=not args.no_progress)
+    with shards.PartWriter(part) as writer:
+        return run_share(model, processor, pending, writer, opts)
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    from internvl_jax.hub import resolve
+
+    return Path(resolve(args.model))
+
+
+def _failed(lines: Sequence[bytes]) -> int:
+    return sum(json.loads(line).get("error") is not None for line in lines)
+
+
+# ----- batch -----
+def cmd_batch(args: argparse.Namespace) -> int:
+    share, distributed = resolve_share(args)
+    source, output = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise FileNotFoundError(f"--input {source} is not a file")
+    requests = read_prompts(source)
+
+    def finish(lines: list[bytes]) -> str:
+        shards.write_atomic(output, b"".join(lines))
+        return f"wrote {len(lines)} results ({_failed(lines)} failed) to {output}"
+
+    directory = None if args.merge_only else _model_dir(args)
+    job = Job("batch", requests, output, output.with_name(output.name + ".run.json"), finish)
+    if directory is not None:
+        shards.check_fingerprint(job.run_file, fingerprint("batch", args, directory, requests))
+    return execute(job, args, share, distributed, directory)
+
+
+# ----- eval -----
+def cmd_eval(args: argparse.Namespace) -> int:
+    from internvl_jax.runners import eval as ev
+
+    share, distributed = resolve_share(args)
+    data, out = Path(args.data), Path(args.output)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data {data} is not a file")
+    items = ev.items_from_rows(read_table(data), data, Path(args.image_root) if args.image_root else None)
+    requests = ev.requests_for(items, args.system)
+
+    def finish(lines: list[bytes]) -> str:
+        predictions, summary = ev.score(items, [json.loads(line) for line in lines])
+        summary = {"data": str(data), **summary}
+        shards.write_atomic(out / "predictions.jsonl",
+                            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode("utf-8"))
+        shards.write_atomic(out / "summary.json",
+                            (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        mcq = summary.get("multiple_choice", {}).get("accuracy")
+        em = summary.get("open", {}).get("exact_match", {}).get("accuracy")
+        scores = ", ".join(s for s in (mcq is not None and f"accuracy {mcq:.4f}",
+                                       em is not None and f"exact match {em:.4f}") if s)
+        return (f"scored {len(items)} records ({summary['failed']} failed{', ' + scores if scores else ''}); "
+                f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    directory = None if args.merge_only else _model_dir(args)
+    job = Job("eval", requests, out / "results.jsonl", out / "run.json", finish)
+    if directory is not None:
+        shards.check_fingerprint(job.run_file, fingerprint("eval", args, directory, requests))
+    return execute(job, args, share, distributed, directory)
+
+
+# ----- arguments -----
+def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+    if kind == "batch":
+        p.add_argument("--input", required=True, help="JSONL: one {id, messages | prompt [+ images/video]} a line")
+        p.add_argument("--output", required=True, help="results JSONL (written in input order at the end)")
+    else:
+        p.add_argument("--data", required=True, help="benchmark file: VLMEvalKit TSV or JSONL rows")
+        p.add_argument("--output", required=True, help="directory for predictions.jsonl and summary.json")
+        p.add_argument("--image-root", help="directory that relative image_path values are under "
+                                            "(default: the data file's directory)")
+    p.add_argument("--model", help="checkpoint directory (or a hub id); not needed with --merge-only")
+    p.add_argument("--save-token-ids", action="store_true", help="also write each answer's token ids")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
+    p.add_argument("--window", type=int, default=0,
+                   help="records encoded and sorted by length/tiles together (default 4 x batch size)")
+    p.add_argument("--system", help="system message for every record")
+    p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
+    p.add_argument("--max-patches", type=int, default=None, help="most tiles per image (processor default 12)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--do-sample", action="store_true", default=None)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    p.add_argument("--mesh", help="device mesh for this process, such as tensor=4 (default: one device)")
+    p.add_argument("--shard", help="INDEX/COUNT: this independent process's share, e.g. 0/4")
+    p.add_argument("--coordinator", help="jax.distributed coordinator address HOST:PORT")
+    p.add_argument("--num-processes", type=int, help="jax.distributed process count")
+    p.add_argument("--process-id", type=int, help="jax.distributed process index")
+    p.add_argument("--merge-only", action="store_true", help="only merge finished parts (and score)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if not args.merge_only and not args.model:
+        raise ValueError("--model is required (except with --merge-only)")
