@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import weights
+from internvl_jax import checkpoint, weights
 from internvl_jax.config import InternVLConfig
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.hub import resolve
@@ -53,6 +53,7 @@ class InternVL:
         self.module = InternVLModule(config, self.dtype, self.dtype)
         self.params = params
         self.generation_config = SamplingConfig()
+        self.mesh: jax.sharding.Mesh | None = None  # set when the parameters are laid out on a mesh
 
     # ----- construction -----
     @staticmethod
@@ -82,20 +83,26 @@ class InternVL:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: DTypeLike = "float32", mesh: jax.sharding.Mesh | None = None
                         ) -> InternVL:
-        """Load a local `-hf` checkpoint directory (or a hub id, downloaded when online)."""
+        """Load a local `-hf` checkpoint directory (or a hub id, downloaded when online), or a directory written
+        by the converter (`python -m convert`), restored straight into the mesh's shardings."""
         directory = resolve(path)
         config = InternVLConfig.from_pretrained(directory)
-        reader = SafetensorsDir(directory)
-        config = _untie_if_head_differs(config, reader)
+        reader = None if checkpoint.is_converted(directory) else SafetensorsDir(directory)
+        if reader is not None:
+            config = _untie_if_head_differs(config, reader)
         abstract = cls.abstract_params(config, dtype)
         shardings = None
         if mesh is not None:
             from internvl_jax.sharding import param_shardings
 
             shardings = param_shardings(config, mesh, dtype)
-        params = load_params(reader, config, abstract, shardings)
+        if reader is None:
+            params = checkpoint.restore_params(directory, abstract, shardings)
+        else:
+            params = load_params(reader, config, abstract, shardings)
         model = cls(config, params, dtype)
         model.generation_config = SamplingConfig.from_checkpoint(directory)
+        model.mesh = mesh
         return model
 
     # ----- host-side input checks -----
