@@ -125,6 +125,8 @@ class Source:
             m = weights.mapping(path)
             layers = range(shape[0]) if m.stacked else [None]
             size = math.prod(shape[1:] if m.stacked else shape)
+            if m.vocab_axis is not None:  # our vocabulary is padded (TextConfig.padded_vocab); the file's is not
+                size = size // self.config.text.padded_vocab * self.config.text.vocab_size
             for i in layers:
                 key = self.key(path, i)
                 n, users = out.get(key, (0, []))

@@ -21,6 +21,9 @@ class ConfigError(ValueError):
     """A config field holds a value this implementation does not support (the message names the field)."""
 
 
+VOCAB_MULTIPLE = 128
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     hidden_size: int = 1024
@@ -67,6 +70,13 @@ class TextConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of our embedding / columns of our lm_head: the vocabulary rounded up to a multiple of
+        VOCAB_MULTIPLE so a tensor axis (up to 128 devices) divides it (151674 = 2 x 75837 divides nothing
+        useful). The extra rows are zeros and never reach the logits, which are cut back to vocab_size."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
     def groups(self) -> int:

@@ -69,7 +69,7 @@ def _entries(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStruct], 
         if dt not in _ST_DTYPES:
             raise ValueError(f"cannot export {path!r} as {dt}: float32, bfloat16 or float16 only")
         layer_shape = tuple(spec.shape[1:] if m.stacked else spec.shape)
-        torch_shape = weights.to_torch(m, np.empty(layer_shape, np.int8)).shape
+        torch_shape = weights.to_torch(m, np.empty(layer_shape, np.int8), config.text.vocab_size).shape
         layers = range(spec.shape[0]) if m.stacked else [None]
         out += [_Entry(m.key.format(i=i) if i is not None else m.key, path, i, tuple(torch_shape), dt)
                 for i in layers]
@@ -110,8 +110,9 @@ def _write_file(file: Path, entries: list[_Entry], tensor: Callable[[_Entry], np
 class _Fetcher:
     """The -hf tensor of an entry; keeps the current parameter on the host until the next one is needed."""
 
-    def __init__(self, get: Callable[[str], jax.Array]):
+    def __init__(self, get: Callable[[str], jax.Array], vocab_size: int):
         self._get = get
+        self._vocab = vocab_size
         self._path: str | None = None
         self._value: Any = None
 
@@ -121,7 +122,7 @@ class _Fetcher:
             self._value = self._get(e.path)
             self._path = e.path
         value = self._value if e.layer is None else self._value[e.layer]
-        return weights.to_torch(weights.mapping(e.path), np.asarray(value)).astype(e.dtype)
+        return weights.to_torch(weights.mapping(e.path), np.asarray(value), self._vocab).astype(e.dtype)
 
 
 def export_params(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStruct], get: Callable[[str], Any],
@@ -130,7 +131,7 @@ def export_params(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStru
     """Write `dst`: config.json + model.safetensors (or shards + index); `get(path)` gives one parameter."""
     entries = _entries(config, abstract, np.dtype(dtype) if dtype else None)
     shards = _plan(entries, parse_size(max_shard_size))
-    fetch = _Fetcher(get)
+    fetch = _Fetcher(get, config.text.vocab_size)
     protect = (sidecar_from,) if sidecar_from else ()
     with atomic_directory(dst, force, protect=protect) as tmp:
         names = (["model.safetensors"] if len(shards) == 1 else

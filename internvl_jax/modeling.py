@@ -199,7 +199,8 @@ class InternVL:
         return stream(self, input_ids, pixel_values, attention_mask, chunk=chunk, **generation_kwargs)
 
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.params))
+        """Parameter count as the checkpoint has it (without our vocabulary padding)."""
+        return sum(x.size for x in jax.tree.leaves(self.params)) - weights.padding_numel(self.config)
 
 
 def _positions(ids: np.ndarray, position_ids: Any) -> np.ndarray:

@@ -106,6 +106,9 @@ _SPECIAL: dict[str, tuple[str, str, str, int]] = {
 # InternLM3 LLM), "original-internlm2" (OpenGVLab with an InternLM2 LLM).
 LAYOUTS = ("hf", "original", "original-internlm2")
 
+# Parameters whose vocabulary axis we pad (TextConfig.padded_vocab): zeros in, cut off again on export.
+_VOCAB_AXIS: dict[str, int] = {"text/embedding": 0, "text/lm_head": 1}
+
 # Output projections contract two of our dims (heads, head_dim).
 _TWO_INPUT_DIMS = ("vision/layers/o", "text/layers/o")
 
@@ -129,6 +132,7 @@ class Mapping:
     original: str = ""  # key in the original OpenGVLab layout
     internlm2: str = ""  # key in the original layout when the LLM is InternLM2
     part: int | None = None  # q/k/v: which part of a fused original tensor (attn.qkv / wqkv)
+    vocab_axis: int | None = None  # our axis that is the (padded) vocabulary: embedding rows, lm_head columns
 
     @property
     def stacked(self) -> bool:
@@ -152,7 +156,7 @@ def mapping(path: str) -> Mapping:
     """Mapping for our parameter path (e.g. 'text/layers/q/kernel')."""
     if path in _SPECIAL:
         key, original, layout, lead = _SPECIAL[path]
-        return Mapping(key, layout, 1, lead, original, _INTERNLM2.get(path, original))
+        return Mapping(key, layout, 1, lead, original, _INTERNLM2.get(path, original), None, _VOCAB_AXIS.get(path))
     module, _, leaf = path.rpartition("/")
     if module not in _MODULES or leaf not in _LEAVES:
         raise KeyError(f"no checkpoint key for parameter {path!r}")
@@ -196,6 +200,11 @@ def to_ours(m: Mapping, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
         out = tensor.transpose(1, 2, 3, 0)
     else:
         out = tensor
+    ax = m.vocab_axis
+    if ax is not None and out.ndim == len(shape) and out.shape[ax] < shape[ax] and out.shape[ax] + 128 > shape[ax]:
+        widths = [(0, 0)] * out.ndim
+        widths[ax] = (0, shape[ax] - out.shape[ax])
+        out = np.pad(out, widths)
     if out.size != math.prod(shape) or (m.layout != "flat" and m.layout != "linear" and out.shape != shape):
         raise ValueError(f"shape {tensor.shape} does not fit our {shape}")
     if m.layout == "linear":
@@ -205,8 +214,10 @@ def to_ours(m: Mapping, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
     return np.ascontiguousarray(out.reshape(shape))
 
 
-def to_torch(m: Mapping, array: np.ndarray) -> np.ndarray:
-    """Inverse of `to_ours` for one (unstacked) array."""
+def to_torch(m: Mapping, array: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
+    """Inverse of `to_ours` for one (unstacked) array; `vocab_size` cuts the vocabulary padding off."""
+    if m.vocab_axis is not None and vocab_size is not None:
+        array = np.take(array, np.arange(vocab_size), axis=m.vocab_axis)
     if m.layout == "linear":
         return np.ascontiguousarray(array.reshape(math.prod(array.shape[: m.n_in]), -1).T)
     if m.layout == "conv":
@@ -215,6 +226,12 @@ def to_torch(m: Mapping, array: np.ndarray) -> np.ndarray:
         # Leading 1s before our shape (CLS token [d] -> [1, 1, d], positions [n, d] -> [1, n, d]); else flat.
         return array.reshape((1,) * m.lead + (array.shape if m.lead else (array.size,)))
     return array
+
+
+def padding_numel(config: InternVLConfig) -> int:
+    """Parameters we hold beyond the checkpoint's: the zero rows/columns of the padded vocabulary."""
+    t = config.text
+    return (t.padded_vocab - t.vocab_size) * t.hidden_size * (1 if config.tie_word_embeddings else 2)
 
 
 def flatten_paths(tree: dict, prefix: str = "") -> dict[str, object]:

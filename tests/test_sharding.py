@@ -60,7 +60,8 @@ def test_planner_78b_needs_more_than_one_80gb_device_but_fits_eight():
     eight = plan(cfg, {"tensor": 8}, batch=1, seq=4096, tiles=13, dtype="bfloat16",
                  device_memory=parse_bytes("80GB"))
     assert not one.fits and eight.fits
-    assert 150e9 < one.weights < 160e9 and eight.weights < one.weights / 7
+    # Not a full 1/8: the 6B tower's 25 attention heads do not divide 8 and stay replicated (README).
+    assert 150e9 < one.weights < 160e9 and one.weights / 8 < eight.weights < one.weights / 6
     assert "does NOT fit" in one.report() and "fits in" in eight.report()
 
 

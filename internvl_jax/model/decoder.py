@@ -123,7 +123,7 @@ class Decoder(nn.Module):
 
     def setup(self) -> None:
         c = self.cfg
-        self.embedding = weight(self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+        self.embedding = weight(self, "embedding", (c.padded_vocab, c.hidden_size), ("vocab", "embed"),
                                 dtype=self.param_dtype)
         self.layers = nn.scan(
             DecoderLayer,
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
         )(c, self.param_dtype, name="layers")
         self.final_norm = RMSNorm(c.rms_norm_eps, "embed", self.param_dtype)
         if not self.tie_embeddings:
-            self.lm_head = weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+            self.lm_head = weight(self, "lm_head", (c.hidden_size, c.padded_vocab), ("embed", "vocab"),
                                   dtype=self.param_dtype)
 
     def embed(self, ids: jax.Array) -> jax.Array:
@@ -154,4 +154,5 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         head = self.embedding.T if self.tie_embeddings else self.lm_head
-        return jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+        logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+        return logits[..., : self.cfg.vocab_size]  # drop the padding columns (TextConfig.padded_vocab)
