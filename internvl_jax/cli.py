@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from internvl_jax.cli_options import add_generation_arguments, generation_kwargs
+
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the user message")
@@ -16,14 +18,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="video path")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from --video")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--do-sample", action="store_true", default=None)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh such as data=2,tensor=4 (default: one device)")
     p.add_argument("--coordinator", help="host:port of process 0: join a jax.distributed job (multi-host)")
     p.add_argument("--num-processes", type=int)
@@ -68,10 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     inputs = processor.apply_chat_template([messages_for(args)], add_generation_prompt=True, tokenize=True,
                                            return_dict=True, padding=True, return_tensors="np", **template_kwargs)
     t2 = time.perf_counter()
-    gen = {k: v for k, v in {
-        "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-    }.items() if v is not None}
+    gen = generation_kwargs(args)
     first: list[float] = []
 
     def decode(ids: list[int]) -> str:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from internvl_jax.cli_options import add_generation_arguments, generation_kwargs
 from internvl_jax.runners import shards
 from internvl_jax.runners.records import Request, id_key, read_prompts, read_table
 from internvl_jax.runners.shards import RunMismatch, Share
-
-GENERATION_ARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 
 @dataclass(frozen=True)
@@ -28,10 +27,6 @@ class Job:
     base: Path  # part files are <base>.part<I>-of-<N>
     run_file: Path  # the run's settings (fingerprint)
     finish: Callable[[list[bytes]], str]  # merged lines (input order) -> writes the final files, says what
-
-
-def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in GENERATION_ARGS if getattr(args, k, None) is not None}
 
 
 def template_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,14 +203,7 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--system", help="system message for every record")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
     p.add_argument("--max-patches", type=int, default=None, help="most tiles per image (processor default 12)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--do-sample", action="store_true", default=None)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh for this process, such as tensor=4 (default: one device)")
     p.add_argument("--shard", help="INDEX/COUNT: this independent process's share, e.g. 0/4")
     p.add_argument("--coordinator", help="jax.distributed coordinator address HOST:PORT")
