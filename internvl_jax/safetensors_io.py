@@ -1,13 +1,14 @@
 """Read a checkpoint directory of safetensors files, one tensor at a time.
 
-Files are memory-mapped: a tensor is read from disk only when asked for, so loading or converting never
-holds more than the tensor in hand. The format is parsed here (an 8-byte header length, a JSON header,
+A tensor is read from disk only when asked for (one pread), so loading or converting never holds more
+than the tensor in hand. The format is parsed here (an 8-byte header length, a JSON header,
 raw little-endian data) because numpy has no bfloat16 of its own; `ml_dtypes` (a JAX dependency) gives it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -39,7 +40,6 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self._start = 8 + n
-        self._map: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -48,11 +48,21 @@ class SafetensorsFile:
         e = self.entries[key]
         if e["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = e["data_offsets"]
-        raw = self._map[self._start + begin: self._start + end]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        # pread into a fresh buffer rather than a memory map: mapped pages stay resident (and count in RSS)
+        # until the whole file is unmapped, which made loading hold the checkpoint twice.
+        raw = bytearray(end - begin)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(raw), 0
+            while done < len(raw):
+                n = os.preadv(fd, [view[done:]], self._start + begin + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: file ends inside tensor {key!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return np.frombuffer(raw, _DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 class SafetensorsDir:
