@@ -89,13 +89,10 @@ def prompt(rng: np.random.Generator, length: int, images: list[int], per_tile: i
 
 
 def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), pad, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    """Left-padded ids and mask (the runners' helper, used as a test fixture)."""
+    from internvl_jax.runners.batch import left_pad as pad_rows
+
+    return pad_rows([np.asarray(r) for r in rows], pad)
 
 
 def torch_logits(model: InternVLForConditionalGeneration, ids: np.ndarray, pixels: np.ndarray | None = None,
