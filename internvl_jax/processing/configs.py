@@ -32,6 +32,20 @@ def _triple(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+def _pixel_fields(data: Mapping[str, Any], d: Any) -> dict[str, Any]:
+    """Resize / rescale / normalise settings, which image and video preprocessor configs share."""
+    return {
+        "size": _size(data.get("size"), d.size),
+        "resample": int(data.get("resample", d.resample)),
+        "do_resize": bool(data.get("do_resize", d.do_resize)),
+        "do_rescale": bool(data.get("do_rescale", d.do_rescale)),
+        "rescale_factor": float(data.get("rescale_factor", d.rescale_factor)),
+        "do_normalize": bool(data.get("do_normalize", d.do_normalize)),
+        "image_mean": _triple(data.get("image_mean"), d.image_mean),
+        "image_std": _triple(data.get("image_std"), d.image_std),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
     """GotOcr2 image processor settings (InternVL3-1B-hf values as defaults)."""
@@ -53,19 +67,12 @@ class ImageConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> ImageConfig:
         d = cls()
         return cls(
-            size=_size(data.get("size"), d.size),
+            **_pixel_fields(data, d),
             # InternVLProcessor always passes crop_to_patches=True to its image processor (its class-level
             # `images_kwargs`), whatever the file says; a call-time argument can still turn it off.
             crop_to_patches=True,
             min_patches=int(data.get("min_patches", d.min_patches)),
             max_patches=int(data.get("max_patches", d.max_patches)),
-            resample=int(data.get("resample", d.resample)),
-            do_resize=bool(data.get("do_resize", d.do_resize)),
-            do_rescale=bool(data.get("do_rescale", d.do_rescale)),
-            rescale_factor=float(data.get("rescale_factor", d.rescale_factor)),
-            do_normalize=bool(data.get("do_normalize", d.do_normalize)),
-            image_mean=_triple(data.get("image_mean"), d.image_mean),
-            image_std=_triple(data.get("image_std"), d.image_std),
             do_convert_rgb=bool(data.get("do_convert_rgb", d.do_convert_rgb) is not False),
         )
 
@@ -91,14 +98,7 @@ class VideoConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> VideoConfig:
         d = cls()
         return cls(
-            size=_size(data.get("size"), d.size),
-            resample=int(data.get("resample", d.resample)),
-            do_resize=bool(data.get("do_resize", d.do_resize)),
-            do_rescale=bool(data.get("do_rescale", d.do_rescale)),
-            rescale_factor=float(data.get("rescale_factor", d.rescale_factor)),
-            do_normalize=bool(data.get("do_normalize", d.do_normalize)),
-            image_mean=_triple(data.get("image_mean"), d.image_mean),
-            image_std=_triple(data.get("image_std"), d.image_std),
+            **_pixel_fields(data, d),
             do_sample_frames=bool(data.get("do_sample_frames") or False),
             num_frames=data.get("num_frames"),
             fps=data.get("fps"),
