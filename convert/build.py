@@ -8,6 +8,7 @@ unstacked parameter such as the embedding, the whole tensor), never the model.
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable
 
 import jax
@@ -37,9 +38,12 @@ def host_shard(source: Source, path: str, shape: tuple[int, ...], dtype: np.dtyp
 
 def _ours(source: Source, path: str, layer: int | None, shape: tuple[int, ...], dtype: np.dtype,
           on_read: Callable[[int], None] | None) -> np.ndarray:
-    tensor = source.tensor(path, layer)
+    key = source.key(path, layer)
+    stored = source.reader.shape(key) if key in source.reader else None
+    rows = weights.padded_rows(weights.mapping(path), stored[0], shape) if stored else None
+    tensor = source.tensor(path, layer, rows)
     if on_read is not None:
-        on_read(tensor.size * tensor.dtype.itemsize)
+        on_read(math.prod(stored or tensor.shape) * tensor.dtype.itemsize)  # the bytes read, not the padding
     if dtype.itemsize < tensor.dtype.itemsize:
         tensor = tensor.astype(dtype)  # narrow first, so the layout copy below is the smaller one
     try:

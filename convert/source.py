@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from internvl_jax import weights
 from internvl_jax.config import InternVLConfig
 from internvl_jax.modeling import key_in_file
-from internvl_jax.safetensors_io import _DTYPES, CheckpointError, SafetensorsDir
+from internvl_jax.safetensors_io import CheckpointError, SafetensorsDir
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +74,18 @@ class Source:
         m = weights.mapping(path)
         return self.key(path, 0 if m.stacked else None) in self.reader
 
-    def tensor(self, path: str, layer: int | None = None) -> np.ndarray:
-        """The -hf tensor of parameter `path` (of `layer` when stacked), in the checkpoint's dtype."""
+    def tensor(self, path: str, layer: int | None = None, rows: int | None = None) -> np.ndarray:
+        """The -hf tensor of parameter `path` (of `layer` when stacked), in the checkpoint's dtype; `rows`: read
+        into that many rows, the extra ones zero (`weights.padded_rows`).
+
+        Read with pread into a fresh buffer, not through a memory map: mapped pages stay resident (counted in the
+        process's memory) after the tensor is converted, which over a conversion adds up to the checkpoint.
+        """
         m = weights.mapping(path)
         key = self.key(path, layer)
-        tensor = self._read(key)
+        if key not in self.reader:
+            raise CheckpointError(f"{self.directory}: checkpoint has no tensor {key!r}")
+        tensor = self.reader.get(key, rows)
         kind = m.fused(self.layout)
         if kind is None:
             return tensor
@@ -90,33 +96,6 @@ class Source:
         except ValueError as e:
             raise CheckpointError(f"{self.directory}: fused tensor {key!r} of shape {tuple(tensor.shape)} does not "
                                   f"fit the config ({e})") from e
-
-    def _read(self, key: str) -> np.ndarray:
-        """One tensor, read into a fresh buffer with pread rather than through a memory map.
-
-        Why: pages of a memory map stay mapped, and counted in the process's resident memory, after the tensor
-        is converted; over a conversion that adds up to the whole checkpoint. Read this way, a tensor's memory
-        is freed with it (the kernel's page cache still serves repeated reads).
-        """
-        if key not in self.reader:
-            raise CheckpointError(f"{self.directory}: checkpoint has no tensor {key!r}")
-        file = self.reader.where[key]
-        entry = file.entries[key]
-        if entry["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{file.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        out = np.empty(end - begin, np.uint8)
-        view = memoryview(out)
-        with open(file.path, "rb", buffering=0) as f:
-            start = 8 + struct.unpack("<Q", f.read(8))[0]
-            f.seek(start + begin)
-            done = 0
-            while done < len(view):  # one read returns at most ~2 GiB on Linux
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(f"{file.path}: file ends inside tensor {key!r} (truncated download?)")
-                done += n
-        return out.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def needed_sizes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, list[str]]]:
         """Checkpoint key -> (number of values the config needs from it, our parameters it feeds)."""

@@ -1,11 +1,11 @@
 """`internvl-jax bench`: speed of a family-shape model with random weights, optionally beside torch.
 
-Figures (ours, and with --compare-torch transformers on the same weights, measured interleaved in the same
-process): vision tower tiles/s; prefill latency for one 448px tile + 64 text tokens; decode tokens/s at
-several batch sizes; time to first token cold (compilation included) and warm; peak host memory. Each is
-also given as a fraction of what the machine allows: decode against the measured memory bandwidth
-(decoder bytes read per step), vision and prefill against the measured matmul FLOP/s.
-"""
+Figures (ours, and with --compare-torch transformers on the same weights, measured in rounds that alternate
+the two in the same process): vision tower tiles/s; prefill latency for one 448px tile + 64 text tokens;
+decode tokens/s at several batch sizes after a 64-token prompt; time to first token cold (compilation
+included) and warm; peak host and device memory. Each is also given as a fraction of what the machine
+allows: decode against the measured memory bandwidth (decoder bytes read per step), vision and prefill
+against the measured matmul FLOP/s."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import platform
 import resource
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,18 @@ import numpy as np
 from internvl_jax.presets import preset
 
 TEXT_TOKENS = 64
+BANDWIDTH_BYTES = 1 << 30  # well past the last-level cache
 
 
 def _best(fn: Callable[[], Any], repeat: int) -> float:
     """Smallest wall time of `repeat` calls (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(_time(fn) for _ in range(repeat))
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def peak_rss_bytes() -> int:
@@ -44,14 +47,20 @@ def peak_rss_bytes() -> int:
 
 
 # ----- the machine's limits -----
-def measured_bandwidth(dtype: str, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a jitted matrix-vector product over `nbytes` of weights (the decode access pattern)."""
-    n = int(math.sqrt(nbytes / jnp.dtype(dtype).itemsize))
-    w = jnp.ones((n, n), dtype)
-    x = jnp.ones((n,), dtype)
-    f = jax.jit(lambda w, x: w @ x)
-    f(w, x).block_until_ready()
-    return n * n * jnp.dtype(dtype).itemsize / _best(lambda: f(w, x).block_until_ready(), 5)
+class Bandwidth:
+    """Bytes/s of a jitted matrix-vector product over `nbytes` of weights (the decode access pattern).
+
+    Kept allocated so that it can be sampled right beside each batch-1 decode measurement: on a shared machine
+    the bandwidth itself drifts (45-65 GB/s within minutes on the 2-core CI machine)."""
+
+    def __init__(self, dtype: str, nbytes: int = BANDWIDTH_BYTES):
+        n = int(math.sqrt(nbytes / jnp.dtype(dtype).itemsize))
+        self.w, self.x = jnp.ones((n, n), dtype), jnp.ones((n,), dtype)
+        self.f = jax.jit(lambda w, x: w @ x)
+        self.f(self.w, self.x).block_until_ready()
+
+    def sample(self, repeat: int = 3) -> float:
+        return self.w.nbytes / _best(lambda: self.f(self.w, self.x).block_until_ready(), repeat)
 
 
 def measured_flops(dtype: str, n: int = 2048) -> float:
@@ -102,6 +111,12 @@ def make_inputs(config, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return ids, px
 
 
+def text_inputs(batch: int, seed: int = 0) -> np.ndarray:
+    """TEXT_TOKENS random text ids per row: decode is timed after a short prompt, so that batch 32 does not
+    spend minutes in the vision tower (the cache length barely changes a decode step's cost)."""
+    return np.random.default_rng(seed).integers(100, 1000, (batch, TEXT_TOKENS))
+
+
 # ----- the two engines behind one interface -----
 class Ours:
     name = "jax"
@@ -118,50 +133,101 @@ class Ours:
     def generate(self, ids, px, new):
         self.model.generate(ids, px, max_new_tokens=new, eos_token_id=())
 
+    def peak_device_bytes(self) -> int | None:
+        device = jax.local_devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        return stats.get("peak_bytes_in_use") if stats else None
+
 
 class Torch:
+    """transformers eager with SDPA attention, on the GPU when torch sees one."""
+
     name = "torch"
 
     def __init__(self, directory: Path, dtype: str):
         import torch
         from transformers import InternVLForConditionalGeneration
 
-        self.torch = torch
-        torch.set_grad_enabled(False)
+        self.torch = torch  # calls run under torch.no_grad() (not set globally: bench.run is also a library call)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = InternVLForConditionalGeneration.from_pretrained(
-            directory, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+            directory, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval().to(self.device)
+
+    def _tensor(self, x: np.ndarray):
+        t = self.torch.tensor(x, device=self.device)
+        return t.to(self.model.dtype) if t.is_floating_point() else t
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def vision(self, px):
-        self.model.model.get_image_features(pixel_values=self.torch.tensor(px))
+        with self.torch.no_grad():
+            self.model.model.get_image_features(pixel_values=self._tensor(px))
+        self._sync()
 
     def prefill(self, ids, px):
         self.generate(ids, px, 1)
 
     def generate(self, ids, px, new):
-        self.model.generate(input_ids=self.torch.tensor(ids), pixel_values=self.torch.tensor(px),
-                            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        extra = {} if px is None else {"pixel_values": self._tensor(px)}  # None crashes its generate
+        with self.torch.no_grad():
+            self.model.generate(input_ids=self._tensor(ids), **extra, max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=0)
+        self._sync()
+
+    def peak_device_bytes(self) -> int | None:
+        return self.torch.cuda.max_memory_allocated() if self.device == "cuda" else None
 
 
-def measure(engine, config, batches: Sequence[int], new: int, repeat: int) -> dict[str, Any]:
+def measure(engines: Sequence[Any], config, batches: Sequence[int], new: int, repeat: int,
+            bandwidth: Bandwidth) -> dict[str, Any]:
+    """Every figure in rounds that alternate the engines (the machine drifts; both see the same drift).
+
+    Decode tokens/s = batch x `new` / (time of generate with new + 1 tokens - time with 1), best round. The
+    batch-1 rate is also divided by the bandwidth bound sampled just before it in the same round; the median of
+    those per-round fractions is reported."""
     ids1, px1 = make_inputs(config, 1)
-    out: dict[str, Any] = {}
-    t = time.perf_counter()
-    engine.prefill(ids1, px1)
-    out["ttft_cold_s"] = time.perf_counter() - t
-    out["ttft_warm_s"] = _best(lambda: engine.prefill(ids1, px1), repeat)
-    engine.vision(px1)
-    out["vision_tiles_per_s"] = 1 / _best(lambda: engine.vision(px1), repeat)
-    out["prefill_s"] = out["ttft_warm_s"]
-    decode = {}
+    res: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
+    for e in engines:  # the first call of each engine: compilation included for ours
+        res[e.name]["ttft_cold_s"] = _time(lambda e=e: e.prefill(ids1, px1))
+        e.vision(px1)
+    step_bytes = decoder_bytes_per_step(config, jnp.dtype(bandwidth.w.dtype).name)
+    ttft, vision = defaultdict(list), defaultdict(list)
+    for _ in range(repeat):
+        for e in engines:
+            ttft[e.name].append(_time(lambda e=e: e.prefill(ids1, px1)))
+            vision[e.name].append(_time(lambda e=e: e.vision(px1)))
+    rates, fractions, bandwidths = defaultdict(dict), defaultdict(list), []
     for b in batches:
-        ids, px = make_inputs(config, b, seed=b)
-        engine.generate(ids, px, new + 1)  # warm-up (compilation for ours)
-        first = _best(lambda ids=ids, px=px: engine.prefill(ids, px), 1)
-        full = _best(lambda ids=ids, px=px: engine.generate(ids, px, new + 1), max(1, repeat - 1))
-        decode[b] = b * new / max(full - first, 1e-9)
-    out["decode_tokens_per_s"] = decode
-    out["peak_host_bytes"] = peak_rss_bytes()
-    return out
+        ids = text_inputs(b, seed=b)
+        for e in engines:
+            e.generate(ids, None, new + 1)  # warm-up (compilation for ours)
+        best = defaultdict(float)
+        for _ in range(repeat):
+            for e in engines:
+                bw = bandwidth.sample() if b == 1 else None
+                first = _time(lambda e=e, ids=ids: e.prefill(ids, None))
+                full = _time(lambda e=e, ids=ids: e.generate(ids, None, new + 1))
+                rate = b * new / max(full - first, 1e-9)
+                best[e.name] = max(best[e.name], rate)
+                if bw is not None:
+                    bandwidths.append(bw)
+                    fractions[e.name].append(rate / (bw / step_bytes))
+        for e in engines:
+            rates[e.name][b] = best[e.name]
+    for e in engines:
+        r = res[e.name]
+        r["ttft_warm_s"] = r["prefill_s"] = min(ttft[e.name])
+        r["vision_tiles_per_s"] = 1 / min(vision[e.name])
+        r["decode_tokens_per_s"] = rates[e.name]
+        if fractions[e.name]:
+            r["decode_b1_fraction_of_bandwidth_bound"] = float(np.median(fractions[e.name]))
+            r["decode_b1_fraction_per_round"] = fractions[e.name]
+        r["peak_host_bytes"] = peak_rss_bytes()  # the process's peak: both engines live in it
+        r["peak_device_bytes"] = e.peak_device_bytes()
+    res["bandwidth_samples_Bps"] = bandwidths
+    return res
 
 
 def plot(path: Path, results: dict[str, dict], title: str) -> None:
@@ -193,15 +259,26 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
     img.save(path)
 
 
+def bench_config(name: str):
+    """A family preset (1B, 8B, ...) or a checkpoint directory's config.json (its shape only)."""
+    from internvl_jax.config import InternVLConfig
+
+    if Path(name, "config.json").is_file():
+        return InternVLConfig.from_pretrained(name)
+    return preset(name)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
     from internvl_jax.modeling import InternVL
 
-    config = preset(args.preset)
+    config = bench_config(args.preset)
     if args.layers:
-        config = config.replace(text=__import__("dataclasses").replace(config.text, num_layers=args.layers))
+        config = config.replace(text=dataclasses.replace(config.text, num_layers=args.layers))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
-    bandwidth, flops = measured_bandwidth(args.dtype), measured_flops(args.dtype)
+    bandwidth, flops = Bandwidth(args.dtype, BANDWIDTH_BYTES), measured_flops(args.dtype)
     t0 = time.perf_counter()
     model = InternVL.from_config(config, dtype=args.dtype, seed=0)
     jax.block_until_ready(model.params)
@@ -213,19 +290,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = tempfile.TemporaryDirectory()
         export_model(model, Path(tmp.name) / "ckpt")
         engines.append(Torch(Path(tmp.name) / "ckpt", args.dtype))
-    results = {}
-    for engine in engines:  # one engine at a time, each fully warmed; same inputs, same process
-        results[engine.name] = measure(engine, config, args.batch, args.new_tokens, args.repeat)
-    bound = bandwidth / decoder_bytes_per_step(config, args.dtype)
+    results = measure(engines, config, args.batch, args.new_tokens, args.repeat, bandwidth)
+    samples = results.pop("bandwidth_samples_Bps") or [bandwidth.sample()]
+    bound = max(samples) / decoder_bytes_per_step(config, args.dtype)
     vision_ideal = flops / vision_flops_per_tile(config)
     prefill_tokens = config.image_seq_length + TEXT_TOKENS + 4
     prefill_ideal = (decoder_flops(config, prefill_tokens) + vision_flops_per_tile(config)) / flops
     for r in results.values():
-        r["decode_b1_fraction_of_bandwidth_bound"] = r["decode_tokens_per_s"][args.batch[0]] / bound
         r["vision_fraction_of_flops"] = r["vision_tiles_per_s"] / vision_ideal
         r["prefill_fraction_of_flops"] = prefill_ideal / r["prefill_s"]
     report = {"preset": args.preset, "dtype": args.dtype, "layers": config.text.num_layers, "machine": machine,
-              "measured_bandwidth_GBps": bandwidth / 1e9, "measured_matmul_TFLOPs": flops / 1e12,
+              "measured_bandwidth_GBps": max(samples) / 1e9,
+              "bandwidth_samples_GBps": [x / 1e9 for x in samples], "measured_matmul_TFLOPs": flops / 1e12,
               "decode_bound_tokens_per_s_b1": bound, "setup_s": time.perf_counter() - t0, "results": results}
     if "torch" in results:
         j, t = results["jax"], results["torch"]
@@ -248,14 +324,20 @@ def table(report: dict[str, Any]) -> str:
             ("TTFT warm (s)", lambda r: f"{r['ttft_warm_s']:.2f}")]
     for b in next(iter(res.values()))["decode_tokens_per_s"]:
         rows.append((f"decode tok/s, batch {b}", lambda r, b=b: f"{r['decode_tokens_per_s'][b]:.2f}"))
-    rows += [("decode b1 / bandwidth bound", lambda r: f"{r['decode_b1_fraction_of_bandwidth_bound']:.0%}"),
+    if "decode_b1_fraction_of_bandwidth_bound" in next(iter(res.values())):
+        rows.append(("decode b1 / bandwidth bound (median of rounds)",
+                     lambda r: f"{r['decode_b1_fraction_of_bandwidth_bound']:.0%}"))
+    rows += [
              ("vision / matmul peak", lambda r: f"{r['vision_fraction_of_flops']:.0%}"),
              ("prefill / matmul peak", lambda r: f"{r['prefill_fraction_of_flops']:.0%}"),
-             ("peak host memory (GiB)", lambda r: f"{r['peak_host_bytes'] / 2**30:.1f}")]
+             ("peak host memory, process (GiB)", lambda r: f"{r['peak_host_bytes'] / 2**30:.1f}"),
+             ("peak device memory (GiB)", lambda r: "n/a (CPU)" if r["peak_device_bytes"] is None
+              else f"{r['peak_device_bytes'] / 2**30:.1f}")]
+    bw = f"{min(report['bandwidth_samples_GBps']):.1f}-{report['measured_bandwidth_GBps']:.1f} GB/s"
     lines = [f"{report['preset']} {report['dtype']} ({report['layers']} decoder layers) on "
-             f"{report['machine']['processor']}, {len(report['machine']['devices'])} device(s); measured "
-             f"{report['measured_bandwidth_GBps']:.1f} GB/s, {report['measured_matmul_TFLOPs'] * 1e3:.0f} GFLOP/s; "
-             f"decode bound {report['decode_bound_tokens_per_s_b1']:.1f} tok/s at batch 1",
+             f"{report['machine']['processor']}, {len(report['machine']['devices'])} device(s); measured {bw}, "
+             f"{report['measured_matmul_TFLOPs'] * 1e3:.0f} GFLOP/s; decode bound "
+             f"{report['decode_bound_tokens_per_s_b1']:.1f} tok/s at batch 1 (at the highest bandwidth)",
              "| figure | " + " | ".join(names) + (" | jax/torch |" if "torch" in res else " |"),
              "|---|" + "---|" * (len(names) + ("torch" in res))]
     ratios = report.get("ratios_jax_over_torch", {})
@@ -271,11 +353,12 @@ def table(report: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="InternVL3-1B", help="family shape (random weights), e.g. 1B, 8B")
+    p.add_argument("--preset", default="InternVL3-1B",
+                   help="family shape (random weights), e.g. 1B, 8B, or a checkpoint directory (its config only)")
     p.add_argument("--dtype", default="float32", help="float32 (the fast path on CPU) or bfloat16")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32], help="decode batch sizes")
-    p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per batch size")
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch size")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per figure (each alternates the engines)")
     p.add_argument("--layers", type=int, help="override the decoder depth (compile-time scaling checks)")
     p.add_argument("--compare-torch", action="store_true", help="also run transformers on the same weights")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and decode.png")

@@ -293,15 +293,15 @@ def load_params(reader: SafetensorsDir, config: InternVLConfig, abstract: Params
         else:
             host = _converted(reader, key_in_file(m.key, legacy), m, spec.shape, dtype)
         sharding = shardings.get(path) if shardings else None
-        out[path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+        out[path] = jax.device_put(host, sharding)  # on one CPU device: no copy, the array keeps `host`
     return weights.unflatten_paths(out)
 
 
 def _converted(reader: SafetensorsDir, key: str, m: weights.Mapping, shape: tuple[int, ...],
                dtype: np.dtype) -> np.ndarray:
-    tensor = reader.get(key)
+    tensor = reader.get(key, weights.padded_rows(m, reader.shape(key)[0], shape) if key in reader else None)
     try:
-        return weights.to_ours(m, tensor, tuple(shape)).astype(dtype)
+        return weights.to_ours(m, tensor, tuple(shape)).astype(dtype, copy=False)
     except ValueError as e:
         raise CheckpointError(f"weight {key!r} has shape {tuple(tensor.shape)}, which does not fit the "
                               f"config's {tuple(shape)} ({e})") from e

@@ -44,25 +44,31 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, rows: int | None = None) -> np.ndarray:
+        """Tensor `key`; with `rows` above its first dimension, read into a buffer of that many rows whose extra
+        rows are zero (the vocabulary padding, without a second copy of the embedding)."""
         e = self.entries[key]
         if e["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
         begin, end = e["data_offsets"]
+        shape = list(e["shape"])
+        size = end - begin
+        if rows is not None and shape and 0 < shape[0] < rows:
+            size, shape[0] = size // shape[0] * rows, rows
         # pread into a fresh buffer rather than a memory map: mapped pages stay resident (and count in RSS)
         # until the whole file is unmapped, which made loading hold the checkpoint twice.
-        raw = bytearray(end - begin)
+        raw = bytearray(size)  # zero-filled
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            view, done = memoryview(raw), 0
-            while done < len(raw):
+            view, done = memoryview(raw)[: end - begin], 0
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
                 n = os.preadv(fd, [view[done:]], self._start + begin + done)
                 if n <= 0:
-                    raise CheckpointError(f"{self.path}: file ends inside tensor {key!r}")
+                    raise CheckpointError(f"{self.path}: file ends inside tensor {key!r} (truncated download?)")
                 done += n
         finally:
             os.close(fd)
-        return np.frombuffer(raw, _DTYPES[e["dtype"]]).reshape(e["shape"])
+        return np.frombuffer(raw, _DTYPES[e["dtype"]]).reshape(shape)
 
 
 class SafetensorsDir:
@@ -109,10 +115,10 @@ class SafetensorsDir:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str, rows: int | None = None) -> np.ndarray:
         if key not in self.where:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
-        return self.where[key].get(key)
+        return self.where[key].get(key, rows)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.where[key].entries[key]["shape"])

@@ -188,6 +188,15 @@ def split_fused(kind: str, tensor: np.ndarray, part: int, groups: int = 1, head_
     return picked.reshape(-1, *tensor.shape[1:])
 
 
+def padded_rows(m: Mapping, rows: int, shape: tuple[int, ...]) -> int | None:
+    """How many rows to read torch tensor of `rows` rows into, for our parameter of `shape`, so that it arrives
+    with our vocabulary padding (the vocabulary is axis 0 of the torch embedding and lm_head); None: as is."""
+    if m.vocab_axis is None:
+        return None
+    target = shape[m.vocab_axis]
+    return target if rows < target < rows + 128 else None
+
+
 def to_ours(m: Mapping, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One torch tensor (one layer's, for stacked weights) -> our layout of `shape` (without the layer axis)."""
     if m.layout == "linear":

@@ -20,14 +20,16 @@ import functools
 import math
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from internvl_jax.engine.sampling import SamplingConfig, choose
+from internvl_jax.engine import layer_loop
+from internvl_jax.engine.sampling import SamplingConfig
+from internvl_jax.engine.step import DecodeState, choose_next, slot_mask
 from internvl_jax.model.decoder import KVCache
 from internvl_jax.model.internvl import InternVLModule, feature_index
 from internvl_jax.sharding import batch_sharding, cache_sharding
@@ -47,18 +49,6 @@ class Streamer(Protocol):
 
     def put(self, tokens: np.ndarray) -> None: ...
     def end(self) -> None: ...
-
-
-class DecodeState(NamedTuple):
-    cache: KVCache
-    kv_mask: jax.Array  # [b, s] bool: slots holding real tokens
-    logits: jax.Array  # [b, v] float32: scores for the next token
-    positions: jax.Array  # [b] int32: position of the next token
-    tokens: jax.Array  # [b, s] int32: generated tokens (first max_new_tokens columns used)
-    step: jax.Array  # int32 scalar
-    done: jax.Array  # [b] bool
-    key: jax.Array
-    seen: jax.Array  # [b, v] bool (repetition penalty) or [b, 0]
 
 
 # ----- memory -----
@@ -103,16 +93,10 @@ def max_length(cfg) -> int:
 
 
 # ----- compiled programs -----
-def _slot_mask(query_slots: jax.Array, kv_mask: jax.Array) -> jax.Array:
-    """[t] query slots, [b, s] valid keys -> [b, t, s]: causal over slots, padding masked."""
-    s = kv_mask.shape[1]
-    return (jnp.arange(s)[None, None, :] <= query_slots[None, :, None]) & kv_mask[:, None, :]
-
-
 @functools.lru_cache(maxsize=8)
 def _prefill_fn(module: InternVLModule) -> Callable:
     def prefill(params, ids, pixels, positions, kv_mask, cache, index):
-        mask = _slot_mask(jnp.arange(ids.shape[1]), kv_mask)
+        mask = slot_mask(jnp.arange(ids.shape[1]), kv_mask)
         logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, 1, index)
         return logits[:, -1], cache
 
@@ -122,26 +106,16 @@ def _prefill_fn(module: InternVLModule) -> Callable:
 @functools.lru_cache(maxsize=32)
 def _decode_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
     """The on-device loop. `rule` (static) holds everything but the seed and max_new_tokens."""
-    eos = jnp.asarray(rule.eos_token_id or (-1,), jnp.int32)
-    pad = rule.pad_token_id if rule.pad_token_id is not None else 0
 
     def decode(params, state: DecodeState, limit: jax.Array) -> DecodeState:
         def cond(st: DecodeState) -> jax.Array:
             return (st.step < limit) & ~jnp.all(st.done)
 
         def body(st: DecodeState) -> DecodeState:
-            key, sub = jax.random.split(st.key)
-            tok = choose(st.logits, sub, rule, st.seen if st.seen.shape[1] else None)
-            tok = jnp.where(st.done, pad, tok)
-            tokens = jax.lax.dynamic_update_slice(st.tokens, tok[:, None], (0, st.step))
-            done = st.done | jnp.isin(tok, eos)
-            seen = st.seen.at[jnp.arange(tok.shape[0]), tok].set(True) if st.seen.shape[1] else st.seen
-            slot = st.cache.index
-            kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((tok.shape[0], 1), bool), (0, slot))
-            logits, cache = module.apply({"params": params}, tok[:, None], None, st.positions[:, None],
-                                         _slot_mask(slot[None], kv_mask), st.cache)
-            return DecodeState(cache, kv_mask, logits[:, -1], st.positions + 1, tokens, st.step + 1, done, key,
-                               seen)
+            st, tok, mask = choose_next(st, rule)
+            logits, cache = module.apply({"params": params}, tok[:, None], None, st.positions[:, None], mask,
+                                         st.cache)
+            return st._replace(cache=cache, logits=logits[:, -1], positions=st.positions + 1, step=st.step + 1)
 
         return jax.lax.while_loop(cond, body, state)
 
@@ -318,7 +292,8 @@ def stream(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any 
                         put(np.zeros((lay.rows, lay.slots), np.int32)), np.int32(0), put(done),
                         np.asarray(jax.random.PRNGKey(sc.seed)), put(seen))
     rule = dataclasses.replace(sc, seed=0, max_new_tokens=1)
-    decode = _decode_fn(model.module, rule)
+    decode = (layer_loop.decoder(model.module, model.params, rule) if mesh is None else None) \
+        or _decode_fn(model.module, rule)
     step = chunk or (STREAM_CHUNK if streamer is not None else sc.max_new_tokens)
     emitted = 0
     while emitted < sc.max_new_tokens:

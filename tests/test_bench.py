@@ -1,0 +1,59 @@
+"""`internvl-jax bench` end to end on a tiny model, beside torch: every figure, the JSON, the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_jax import bench, cli
+from tests import tiny_models as tm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bench-shape")
+    tm.save(tm.torch_model(tm.hf_config(), seed=1), directory)
+    return directory
+
+
+def test_bench_against_torch_writes_every_figure(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "BANDWIDTH_BYTES", 1 << 22)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--preset", str(tiny), "--batch", "1", "2", "--new-tokens", "3", "--repeat", "2",
+                     "--compare-torch", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["layers"] == tm.TEXT["num_hidden_layers"]
+    assert len(report["bandwidth_samples_GBps"]) == 4  # two rounds x two engines, sampled beside batch 1
+    for name in ("jax", "torch"):
+        r = report["results"][name]
+        figures = [r["vision_tiles_per_s"], r["prefill_s"], r["ttft_cold_s"], r["ttft_warm_s"],
+                   *r["decode_tokens_per_s"].values(), r["decode_b1_fraction_of_bandwidth_bound"],
+                   r["vision_fraction_of_flops"], r["prefill_fraction_of_flops"], r["peak_host_bytes"]]
+        assert all(math.isfinite(x) and x > 0 for x in figures), (name, r)
+        assert sorted(r["decode_tokens_per_s"]) == ["1", "2"]
+        assert len(r["decode_b1_fraction_per_round"]) == 2
+        assert r["peak_device_bytes"] is None  # CPU: host memory is the device memory
+    assert report["results"]["jax"]["ttft_cold_s"] > report["results"]["jax"]["ttft_warm_s"]  # compilation
+    assert set(report["ratios_jax_over_torch"]) == {"vision_tiles_per_s", "prefill_speed", "decode_b1", "decode_b2"}
+    assert Image.open(out / "decode.png").size == (720, 440)
+    table = capsys.readouterr().out
+    assert "| decode tok/s, batch 2 |" in table and "jax/torch" in table
+    assert torch.is_grad_enabled()  # torch runs under no_grad, not with grad switched off for the process
+
+
+def test_decoder_bytes_per_step_counts_what_a_decode_step_reads():
+    from internvl_jax.presets import preset
+
+    cfg = preset("1B")
+    t = cfg.text
+    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim  # q, k, v kernels
+                 + (t.num_heads + 2 * t.num_kv_heads) * t.head_dim  # their biases
+                 + t.num_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+                 + 2 * t.hidden_size)  # two norms
+    head = t.padded_vocab * t.hidden_size  # the lm_head (or, when tied, the embedding read as one)
+    assert bench.decoder_bytes_per_step(cfg, "float32") == 4 * (t.num_layers * per_layer + t.hidden_size + head)
+
