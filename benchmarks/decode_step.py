@@ -18,19 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from internvl_jax.bench import quantile_seconds
 from internvl_jax.engine import layer_loop
 from internvl_jax.model.decoder import Decoder, DecoderLayer, KVCache, rope_tables
 from internvl_jax.presets import preset
 
 
-def median_ms(fn, n: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[n // 2]
+def median_ms(fn) -> float:
+    return 1e3 * quantile_seconds(fn, n=15)
 
 
 def main() -> None:

@@ -10,23 +10,12 @@ products of 0.5-17 MB, and a small product does not reach the bandwidth of a lar
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-from internvl_jax.bench import Bandwidth
+from internvl_jax.bench import Bandwidth, quantile_seconds
 from internvl_jax.presets import preset
-
-
-def best(fn, n: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 4]
 
 
 def main() -> None:
@@ -42,9 +31,10 @@ def main() -> None:
         "down": (t.intermediate_size, t.hidden_size),
         "lm_head": (t.hidden_size, t.padded_vocab),
     }
-    copies = 24  # distinct kernels per shape, so that nothing is served from cache
-    kernels = {k: [jax.random.normal(jax.random.PRNGKey(i), s) for i in range(copies if k != "lm_head" else 1)]
-               for k, s in shapes.items()}
+    def copies(shape: tuple[int, int]) -> int:  # distinct kernels, 256 MB or more: nothing served from cache
+        return min(256, -(-(256 << 20) // (4 * shape[0] * shape[1])))
+
+    kernels = {k: [jax.random.normal(jax.random.PRNGKey(i), s) for i in range(copies(s))] for k, s in shapes.items()}
     f = jax.jit(lambda ws, x: [x @ w for w in ws])
     reference = Bandwidth("float32")
     print("GB/s per round: the 1 GiB reference, then each shape (our [in, out] kernels)")
@@ -52,7 +42,7 @@ def main() -> None:
         row = [f"1 GiB: {reference.sample() / 1e9:.1f}"]
         for name, ws in kernels.items():
             x = jnp.ones((1, ws[0].shape[0]))
-            seconds = best(lambda ws=ws, x=x: jax.block_until_ready(f(ws, x)))
+            seconds = quantile_seconds(lambda ws=ws, x=x: jax.block_until_ready(f(ws, x)), q=0.25)
             row.append(f"{name} {ws[0].shape[0]}x{ws[0].shape[1]}: {sum(w.nbytes for w in ws) / seconds / 1e9:.1f}")
         print(" | ".join(row), flush=True)
 

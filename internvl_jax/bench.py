@@ -36,6 +36,12 @@ def _best(fn: Callable[[], Any], repeat: int) -> float:
     return min(_time(fn) for _ in range(repeat))
 
 
+def quantile_seconds(fn: Callable[[], Any], n: int = 20, q: float = 0.5) -> float:
+    """The `q` quantile of `n` timed calls after one warm-up call (for the scripts in benchmarks/)."""
+    fn()
+    return float(np.quantile([_time(fn) for _ in range(n)], q))
+
+
 def _time(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()

@@ -143,3 +143,25 @@ def test_pickle_checkpoint_refused_and_missing_dir(tmp_path):
         InternVL.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="local checkpoint directory"):
         InternVL.from_pretrained("OpenGVLab/surely-not-a-repo-xyz")
+
+
+def test_vocabulary_padding_is_read_in_place(tmp_path):
+    """The embedding arrives with its padding rows from the read itself (no padded copy of 0.5 GB)."""
+    from internvl_jax import weights
+    from internvl_jax.safetensors_io import SafetensorsFile
+
+    table = np.arange(15, dtype=np.float32).reshape(5, 3) + 1
+    save_file({"embed": table}, str(tmp_path / "m.safetensors"))
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    padded = f.get("embed", rows=8)
+    assert padded.shape == (8, 3)
+    np.testing.assert_array_equal(padded[:5], table)
+    assert not padded[5:].any()
+    np.testing.assert_array_equal(f.get("embed"), table)
+    np.testing.assert_array_equal(f.get("embed", rows=4), table)  # never cut
+    m = weights.mapping("text/embedding")
+    assert weights.padded_rows(m, 151674, (151680, 896)) == 151680
+    assert weights.padded_rows(m, 151680, (151680, 896)) is None  # already a multiple of 128
+    assert weights.padded_rows(m, 1000, (151680, 896)) is None  # not padding: a wrong size, left to the shape check
+    assert weights.padded_rows(weights.mapping("text/lm_head"), 151674, (896, 151680)) == 151680
+    assert weights.padded_rows(weights.mapping("text/final_norm/scale"), 896, (896,)) is None
