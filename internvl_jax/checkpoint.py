@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "internvl_jax_params.json"
 FORMAT = "internvl_jax.orbax_per_param"
-VERSION = 2  # 2: the decoder's MLP kernels are stored [out, in] (Dense(torch_order=True))
+VERSION = 1
 PARAMS_DIR = "params"
 
 # Files copied next to the weights (when the source has them) so the processor and generation defaults load
@@ -69,10 +69,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("version", 0) > VERSION:
         raise CheckpointError(f"{file}: format version {manifest['version']} is newer than this code reads "
                               f"({VERSION}); upgrade internvl_jax")
-    if manifest.get("version", 0) < VERSION:
-        raise CheckpointError(f"{file}: format version {manifest.get('version', 0)} was written by an older "
-                              f"internvl_jax whose parameter layout differs (this code reads {VERSION}); convert "
-                              "the source checkpoint again (python -m convert)")
     return manifest
 
 

@@ -11,7 +11,7 @@ Layouts of our parameters versus torch:
 - `conv`:   torch Conv2d weight [d, c, p, p] -> [c, p, p, d].
 - `flat`:   torch tensor of any shape holding our array's values in order (biases split per head, the CLS
             token [1, 1, d] -> [d], position embeddings [1, n, d] -> [n, d]); `lead` leading 1s on export.
-- `same`:   identical (also the decoder's MLP kernels, which keep torch's [out, in] order).
+- `same`:   identical.
 Per-layer tensors (`{i}` in the key) are stacked on a leading layer axis.
 """
 
@@ -109,9 +109,6 @@ LAYOUTS = ("hf", "original", "original-internlm2")
 # Parameters whose vocabulary axis we pad (TextConfig.padded_vocab): zeros in, cut off again on export.
 _VOCAB_AXIS: dict[str, int] = {"text/embedding": 0, "text/lm_head": 1}
 
-# Kernels the modules store in torch's [out, in] order (`Dense(torch_order=True)`): copied as they are.
-_TORCH_ORDER = ("text/layers/gate", "text/layers/up", "text/layers/down")
-
 # Output projections contract two of our dims (heads, head_dim).
 _TWO_INPUT_DIMS = ("vision/layers/o", "text/layers/o")
 
@@ -164,8 +161,6 @@ def mapping(path: str) -> Mapping:
     if module not in _MODULES or leaf not in _LEAVES:
         raise KeyError(f"no checkpoint key for parameter {path!r}")
     suffix, layout = _LEAVES[leaf]
-    if leaf == "kernel" and module in _TORCH_ORDER:
-        layout = "same"
     hf, original = (f"{k}.{suffix}" for k in _MODULES[module])
     internlm2 = f"{_INTERNLM2[module]}.{suffix}" if module in _INTERNLM2 else original
     return Mapping(hf, layout, 2 if module in _TWO_INPUT_DIMS else 1, 0, original, internlm2, _FUSED.get(module))

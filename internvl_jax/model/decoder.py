@@ -11,7 +11,6 @@ prefill, decode and a plain forward without cache all run the same layer code.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -109,10 +108,10 @@ class DecoderLayer(nn.Module):
                           name="o")(out)
         with jax.named_scope("mlp"):
             y = RMSNorm(c.rms_norm_eps, "embed", pd, name="mlp_norm")(x)
-            mlp = functools.partial(Dense, use_bias=c.mlp_bias, param_dtype=pd, torch_order=True)
-            gate = mlp((c.intermediate_size,), ("embed", "mlp"), name="gate")(y)
-            up = mlp((c.intermediate_size,), ("embed", "mlp"), name="up")(y)
-            x = x + mlp((c.hidden_size,), ("mlp", "embed"), name="down")(activation(c.hidden_act)(gate) * up)
+            gate = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="gate")(y)
+            up = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="up")(y)
+            x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
+                activation(c.hidden_act)(gate) * up)
         return (x, k_all, v_all), None
 
 

@@ -75,32 +75,19 @@ def norm(kind: str, eps: float, axis_name: str, param_dtype: jnp.dtype, name: st
 
 
 class Dense(nn.Module):
-    """x @ kernel (+ bias) with the kernel stored [in..., out...] and named axes on both sides.
-
-    `torch_order` stores it [out..., in...] instead, as torch's Linear does. The decoder's MLP uses it: XLA:CPU
-    runs the batch-1 matrix-vector products over those kernels ~10% faster that way (alternating runs of
-    `benchmarks/decode_step.py`); for the attention projections the [in, out] order measured faster.
-    """
+    """x @ kernel (+ bias) with the kernel stored [in..., out...] and named axes on both sides."""
 
     out_shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axes of the kernel: input axes then output axes
     use_bias: bool = True
     n_in: int = 1  # how many trailing dims of x are contracted
     param_dtype: jnp.dtype = jnp.float32
-    torch_order: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_shape, n_out = x.shape[x.ndim - self.n_in:], len(self.out_shape)
-        x_dims = tuple(range(x.ndim - self.n_in, x.ndim))
-        if self.torch_order:
-            axes = (*self.axes[self.n_in:], *self.axes[: self.n_in])
-            kernel = weight(self, "kernel", (*self.out_shape, *in_shape), axes, dtype=self.param_dtype)
-            k_dims = tuple(range(n_out, n_out + self.n_in))
-        else:
-            kernel = weight(self, "kernel", (*in_shape, *self.out_shape), self.axes, dtype=self.param_dtype)
-            k_dims = tuple(range(self.n_in))
-        y = jax.lax.dot_general(x, kernel.astype(x.dtype), ((x_dims, k_dims), ((), ())))
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = weight(self, "kernel", (*in_shape, *self.out_shape), self.axes, dtype=self.param_dtype)
+        y = jnp.tensordot(x, kernel.astype(x.dtype), axes=self.n_in)
         if self.use_bias:
             bias = weight(self, "bias", self.out_shape, self.axes[self.n_in:], nn.initializers.zeros,
                           self.param_dtype)
