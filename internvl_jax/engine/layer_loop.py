@@ -9,7 +9,8 @@ times per token, with each layer's weights handed over as zero-copy views of the
 buffer can alias host memory). Per-token bookkeeping (`choose_next`) is the on-device loop's own, so both
 paths give the same tokens.
 
-The KV cache is regrouped once after prefill: one [group_size, b, s, k, h] pair per group, updated in place.
+The KV cache stays the stacked [layers, b, s, k, h] pair the prefill wrote; each group call updates its
+layers' slots in place (the cache is donated from call to call).
 """
 
 from __future__ import annotations
@@ -58,15 +59,16 @@ def layer_views(layers: Params, num_layers: int) -> list[Params] | None:
 
 @functools.lru_cache(maxsize=8)
 def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
+    """`size` layers from layer `first` on: they write their keys/values into the whole cache, in place."""
     layer = DecoderLayer(cfg, param_dtype)
 
-    def run(group: tuple[Params, ...], x, k, v, rope, mask, index):
+    def run(group: tuple[Params, ...], first, x, k, v, rope, mask, index):
         carry = (x, k, v)
         for j, p in enumerate(group):
-            carry, _ = layer.apply({"params": p}, carry, j, rope, mask, index)
+            carry, _ = layer.apply({"params": p}, carry, first + j, rope, mask, index)
         return carry
 
-    return jax.jit(run, donate_argnums=(2, 3))
+    return jax.jit(run, donate_argnums=(3, 4))
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,17 +94,6 @@ def _end_fn(module: InternVLModule) -> Callable:
     return jax.jit(end, donate_argnums=(1,))
 
 
-@functools.lru_cache(maxsize=8)
-def _split_fn(size: int, groups: int) -> Callable:
-    return jax.jit(lambda a: tuple(a[g * size:(g + 1) * size] for g in range(groups)))
-
-
-def regroup(cache: KVCache, size: int) -> KVCache:
-    """[layers, ...] cache -> tuples of [size, ...] blocks (copied once, after prefill)."""
-    split = _split_fn(size, cache.k.shape[0] // size)
-    return KVCache(split(cache.k), split(cache.v), cache.index)
-
-
 def decoder(module: InternVLModule, params: Params, rule: SamplingConfig) -> Callable | None:
     """A `decode(params, state, limit) -> state` that loops on the host, or None when views are not possible."""
     cfg = module.cfg.text
@@ -110,27 +101,25 @@ def decoder(module: InternVLModule, params: Params, rule: SamplingConfig) -> Cal
     if views is None:
         return None
     size = group_size(cfg.num_layers)
-    groups = [tuple(views[g:g + size]) for g in range(0, cfg.num_layers, size)]
+    groups = [(np.int32(first), tuple(views[first:first + size])) for first in range(0, cfg.num_layers, size)]
     text = {k: v for k, v in params["text"].items() if k != "layers"}
     run_group, begin, end = _group_fn(cfg, module.param_dtype, size), _begin_fn(module, rule), _end_fn(module)
 
     def decode(_params: Params, st, limit: int):
-        if not isinstance(st.cache.k, tuple):
-            st = st._replace(cache=regroup(st.cache, size))
         step = int(np.asarray(st.step))
         slot = int(np.asarray(st.cache.index))  # tracked on the host: `st` is donated at every call
-        k, v = list(st.cache.k), list(st.cache.v)
-        st = st._replace(cache=KVCache((), (), st.cache.index))  # the cache blocks travel beside the state
+        k, v = st.cache.k, st.cache.v
+        st = st._replace(cache=KVCache((), (), st.cache.index))  # the cache travels beside the state
         finished = jnp.all(st.done)
         # `finished` comes from the step's first program, so reading it does not wait for the layers: the host
         # queues the next step while this one runs.
         while step < limit and not bool(finished):
             st, x, rope, mask, finished = begin(text, st)
             index = np.int32(slot)
-            for g, group in enumerate(groups):
-                x, k[g], v[g] = run_group(group, x, k[g], v[g], rope, mask, index)
+            for first, group in groups:
+                x, k, v = run_group(group, first, x, k, v, rope, mask, index)
             st = end(text, st, x)
             step, slot = step + 1, slot + 1
-        return st._replace(cache=KVCache(tuple(k), tuple(v), st.cache.index))
+        return st._replace(cache=KVCache(k, v, st.cache.index))
 
     return decode
