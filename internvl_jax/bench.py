@@ -187,8 +187,9 @@ class Torch:
 
 
 def measure(engines: Sequence[Any], config, batches: Sequence[int], new: int, repeat: int,
-            bandwidth: Bandwidth) -> dict[str, Any]:
-    """Every figure in rounds that alternate the engines (the machine drifts; both see the same drift).
+            bandwidth: Bandwidth) -> tuple[dict[str, dict[str, Any]], list[float]]:
+    """Every figure in rounds that alternate the engines (the machine drifts; both see the same drift): the
+    figures of each engine by name, and the bandwidth samples (bytes/s) taken beside the batch-1 rounds.
 
     Decode tokens/s = batch x `new` / (time of generate with new + 1 tokens - time with 1), best round. The
     batch-1 rate is also divided by the bandwidth bound sampled just before it in the same round; the median of
@@ -232,8 +233,7 @@ def measure(engines: Sequence[Any], config, batches: Sequence[int], new: int, re
             r["decode_b1_fraction_per_round"] = fractions[e.name]
         r["peak_host_bytes"] = peak_rss_bytes()  # the process's peak: both engines live in it
         r["peak_device_bytes"] = e.peak_device_bytes()
-    res["bandwidth_samples_Bps"] = bandwidths
-    return res
+    return res, bandwidths
 
 
 def plot(path: Path, results: dict[str, dict], title: str) -> None:
@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = tempfile.TemporaryDirectory()
         export_model(model, Path(tmp.name) / "ckpt")
         engines.append(Torch(Path(tmp.name) / "ckpt", args.dtype))
-    results = measure(engines, config, args.batch, args.new_tokens, args.repeat, bandwidth)
-    samples = results.pop("bandwidth_samples_Bps") or [bandwidth.sample()]
+    results, samples = measure(engines, config, args.batch, args.new_tokens, args.repeat, bandwidth)
+    samples = samples or [bandwidth.sample()]
     bound = max(samples) / decoder_bytes_per_step(config, args.dtype)
     vision_ideal = flops / vision_flops_per_tile(config)
     prefill_tokens = config.image_seq_length + TEXT_TOKENS + 4

@@ -46,11 +46,10 @@ def layer_views(layers: Params, num_layers: int) -> list[Params] | None:
                and next(iter(a.devices())).platform == "cpu" for a in leaves):
         return None
 
-    def view(stacked: jax.Array, i: int) -> jax.Array:
-        host = np.asarray(stacked)  # a zero-copy view of the CPU buffer
-        return jax.device_put(host[i], next(iter(stacked.devices())), may_alias=True)
-
-    views = [jax.tree.map(lambda a, i=i: view(a, i), layers) for i in range(num_layers)]
+    hosts = jax.tree.map(np.asarray, layers)  # zero-copy views of the CPU buffers
+    devices = jax.tree.map(lambda a: next(iter(a.devices())), layers)
+    views = [jax.tree.map(lambda h, d, i=i: jax.device_put(h[i], d, may_alias=True), hosts, devices)
+             for i in range(num_layers)]
     # A slice that is not aligned is copied: harmless for norm scales and biases, not for the kernels.
     copied = sum(v.nbytes for i, tree in enumerate(views)
                  for v, s in zip(jax.tree.leaves(tree), leaves, strict=True)
