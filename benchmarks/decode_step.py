@@ -52,14 +52,14 @@ def main() -> None:
 
     def scan(stacked, x, cache):
         def body(carry, inputs):
-            return layer.apply({"params": inputs[0]}, carry, inputs[1], rope, mask, cache.index)
+            return layer.apply({"params": inputs[0]}, carry, inputs[1], rope, mask, cache.slot)
 
         return jax.lax.scan(body, (x, cache.k, cache.v), (stacked, jnp.arange(n)))[0]
 
     def unrolled(per_layer, x, cache):
         carry = (x, cache.k, cache.v)
         for i, w in enumerate(per_layer):
-            carry, _ = layer.apply({"params": w}, carry, i, rope, mask, cache.index)
+            carry, _ = layer.apply({"params": w}, carry, i, rope, mask, cache.slot)
         return carry
 
     cache = fresh_cache()
@@ -77,18 +77,18 @@ def main() -> None:
 
     size = layer_loop.group_size(n)
     run = layer_loop._group_fn(cfg, jnp.dtype(jnp.float32), size)
-    groups = [tuple(views[i:i + size]) for i in range(0, n, size)]
-    blocks = [fresh_cache(size) for _ in groups]
-    index = np.int32(slots // 2)
+    groups = [(np.int32(i), tuple(views[i:i + size])) for i in range(0, n, size)]
+    slot = np.int32(slots // 2)
+    state = {"k": cache.k, "v": cache.v}
     t = time.perf_counter()
-    run.lower(groups[0], x, blocks[0].k, blocks[0].v, rope, mask, index).compile()
+    run.lower(groups[0][1], groups[0][0], x, cache.k, cache.v, rope, mask, slot).compile()
     compile_s = time.perf_counter() - t
 
     def loop():
-        h = x
-        for i, group in enumerate(groups):
-            h, k, v = run(group, h, blocks[i].k, blocks[i].v, rope, mask, index)
-            blocks[i] = KVCache(k, v, blocks[i].index)
+        h, k, v = x, state["k"], state["v"]
+        for first, group in groups:
+            h, k, v = run(group, first, h, k, v, rope, mask, slot)  # the whole cache, updated in place
+        state["k"], state["v"] = k, v
         jax.block_until_ready(h)
 
     print(f"layer loop: {median_ms(loop):6.1f} ms a step ({len(groups)} calls of {size} layers; "

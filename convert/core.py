@@ -13,15 +13,14 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
-from convert.build import build_param
 from convert.progress import Progress
-from convert.source import Source
 from internvl_jax import weights
 from internvl_jax.checkpoint import ParamWriter, atomic_directory, copy_sidecar_files, write_manifest
 from internvl_jax.config import InternVLConfig
-from internvl_jax.modeling import InternVL
-from internvl_jax.safetensors_io import CheckpointError, SafetensorsDir
+from internvl_jax.model.params import abstract_params
+from internvl_jax.safetensors_io import CheckpointError
 from internvl_jax.sharding import make_mesh, param_shardings
+from internvl_jax.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,11 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "auto", layout: st
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     config = InternVLConfig.from_pretrained(src)
-    source = Source(SafetensorsDir(src), config, layout)
-    config = source.untie_if_head_differs()
+    source = Source(src, config, layout)
+    config = source.config  # its own lm_head, when the checkpoint has one
     _check_config_round_trip(config, src)
     target = _AUTO.get(source.source_dtype(), "float32") if dtype == "auto" else dtype
-    abstract: dict[str, jax.ShapeDtypeStruct] = weights.flatten_paths(InternVL.abstract_params(config, target))
+    abstract: dict[str, jax.ShapeDtypeStruct] = weights.flatten_paths(abstract_params(config, target))
     source.check_keys({p: tuple(s.shape) for p, s in abstract.items()})
     mesh = mesh if isinstance(mesh, Mesh) else parse_mesh(mesh)
     shardings = param_shardings(config, mesh, target)
@@ -65,7 +64,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "auto", layout: st
         writer = ParamWriter(tmp)
         with Progress(total_bytes, total_tensors, len(abstract), enabled=progress) as bar:
             for path, spec in abstract.items():
-                array = build_param(source, path, spec, shardings[path], bar.read)
+                array = source.read_param(path, spec, shardings[path], bar.read)
                 writer.save(path, array)
                 # Freed now, not whenever the last reference goes: at most one parameter is alive at a time.
                 array.delete()

@@ -79,10 +79,10 @@ def measured_flops(dtype: str, n: int = 2048) -> float:
 # ----- workload -----
 def decoder_bytes_per_step(config, dtype: str) -> int:
     """Weights a decode step reads: every decoder layer, the final norm and the lm_head (not the embedding)."""
-    from internvl_jax.modeling import InternVL
+    from internvl_jax.model.params import abstract_params
     from internvl_jax.weights import flatten_paths
 
-    flat = flatten_paths(InternVL.abstract_params(config, dtype))
+    flat = flatten_paths(abstract_params(config, dtype))
     used = [s for p, s in flat.items() if p.startswith("text/") and p != "text/embedding"]
     if config.tie_word_embeddings:
         used.append(flat["text/embedding"])

@@ -127,7 +127,7 @@ class ParamReader:
     def restore(self, path: str, spec: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding | None = None
                 ) -> jax.Array:
         """One parameter, cast to `spec.dtype`, placed with `sharding` (default: the first device)."""
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         folder = self.directory / self.entries[path]["dir"]
         if not folder.is_dir():
             raise CheckpointError(f"converted checkpoint {self.directory}: parameter {path!r} is listed but its "

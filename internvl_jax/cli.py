@@ -45,10 +45,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from internvl_jax.processing.processor import InternVLProcessor
 
     if args.coordinator:  # every process runs this same command with its own --process-id
-        import jax
+        from internvl_jax import distributed
 
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs ignore it
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     t0 = time.perf_counter()
     directory = resolve(args.model)
     mesh = None
@@ -100,8 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.planner import parse_bytes, plan
     from internvl_jax.presets import preset
+    from internvl_jax.sharding import parse_mesh_spec
 
-    mesh = dict((k.strip(), int(v)) for k, v in (p.split("=") for p in args.mesh.split(",") if p.strip()))
+    mesh = {a: n for a, n in parse_mesh_spec(args.mesh).items() if n != 1}
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(preset(args.preset), mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
     print(f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "

@@ -16,12 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from internvl_jax.model.layers import ACTIVATIONS
+
 
 class ConfigError(ValueError):
     """A config field holds a value this implementation does not support (the message names the field)."""
 
 
-VOCAB_MULTIPLE = 128
+VOCAB_MULTIPLE = 128  # embedding rows / lm_head columns are padded to a multiple of this (TextConfig.padded_vocab)
+
+# The image context token `<IMG_CONTEXT>` of the two tokenizer families, for original checkpoints whose
+# tokenizer files are absent (transformers' conversion script uses the same two ids).
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_TOKEN_IDS = {"qwen2": 151667, "llama": 92546}  # Qwen2.5 tokenizer; InternLM2/3 tokenizer
 
 
 @dataclass(frozen=True)
@@ -122,12 +129,15 @@ class InternVLConfig:
             raw = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from e
-        return cls.from_dict(raw)
+        image_token_id = token_id_in_files(file.parent, IMAGE_CONTEXT_TOKEN) if "llm_config" in raw else None
+        return cls.from_dict(raw, image_token_id)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> InternVLConfig:
+    def from_dict(cls, raw: dict[str, Any], image_token_id: int | None = None) -> InternVLConfig:
+        """`image_token_id`: the `<IMG_CONTEXT>` id from the checkpoint's tokenizer, for the original format
+        (its config.json does not carry it); the -hf format has its own `image_token_id` field."""
         if "llm_config" in raw:
-            return _from_original(raw)
+            return _from_original(raw, image_token_id)
         if "text_config" in raw:
             return _from_hf(raw)
         raise ConfigError("config.json has neither 'text_config' (-hf format) nor 'llm_config' (original format)")
@@ -221,12 +231,10 @@ def _check_top(cfg: InternVLConfig, where: str) -> InternVLConfig:
         raise ConfigError(f"{where}: vision_feature_layer={cfg.vision_feature_layer} is outside 0..{n} / -{n + 1}..-1")
     if cfg.shuffle * cfg.downsample_ratio != 1 or cfg.vision.grid % cfg.shuffle:
         raise ConfigError(f"{where}: downsample_ratio={cfg.downsample_ratio} must be 1/k with k dividing the grid")
-    for name, act in (("vision_config.hidden_act", cfg.vision.hidden_act), ("projector_hidden_act",
-                                                                          cfg.projector_hidden_act)):
-        if act not in _ACTS:
-            raise ConfigError(f"{where}: {name}={act!r} is not supported ({sorted(_ACTS)})")
-    if cfg.text.hidden_act not in _ACTS:
-        raise ConfigError(f"{where}: text hidden_act={cfg.text.hidden_act!r} is not supported ({sorted(_ACTS)})")
+    for name, act in (("vision_config.hidden_act", cfg.vision.hidden_act),
+                      ("projector_hidden_act", cfg.projector_hidden_act), ("text hidden_act", cfg.text.hidden_act)):
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"{where}: {name}={act!r} is not supported ({sorted(ACTIVATIONS)})")
     if cfg.vision.norm_type not in ("layer_norm", "rms_norm"):
         raise ConfigError(f"{where}: vision norm_type={cfg.vision.norm_type!r} (layer_norm or rms_norm)")
     if cfg.text.num_heads % cfg.text.num_kv_heads:
@@ -236,8 +244,9 @@ def _check_top(cfg: InternVLConfig, where: str) -> InternVLConfig:
     return cfg
 
 
-# Activation names as transformers spells them; "gelu" is the exact erf GELU.
-_ACTS = ("gelu", "silu", "gelu_pytorch_tanh", "gelu_new", "relu")
+# Defaults of a field missing from config.json are our dataclasses' own (they are transformers' defaults too,
+# except where a line below says otherwise).
+_V, _T, _C = VisionConfig(), TextConfig(), InternVLConfig()
 
 
 def _from_hf(raw: dict[str, Any]) -> InternVLConfig:
@@ -251,54 +260,54 @@ def _from_hf(raw: dict[str, Any]) -> InternVLConfig:
         raise ConfigError("vision_config.use_mask_token=true is not supported (a pre-training feature)")
     if v.get("use_absolute_position_embeddings", True) is False:
         raise ConfigError("vision_config.use_absolute_position_embeddings=false is not supported")
-    heads = int(t.get("num_attention_heads", 14))
-    hidden = int(t.get("hidden_size", 896))
+    heads = int(t.get("num_attention_heads", _T.num_heads))
+    hidden = int(t.get("hidden_size", _T.hidden_size))
     theta, kind, factor = _rope(t, "text_config")
     qwen = arch == "qwen2"
     text = TextConfig(
         arch=arch,
         hidden_size=hidden,
-        num_layers=int(t.get("num_hidden_layers", 24)),
+        num_layers=int(t.get("num_hidden_layers", _T.num_layers)),
         num_heads=heads,
         num_kv_heads=int(t.get("num_key_value_heads") or heads),
         head_dim=int(t.get("head_dim") or hidden // heads),
-        intermediate_size=int(t.get("intermediate_size", 4864)),
-        vocab_size=int(t.get("vocab_size", 151674)),
+        intermediate_size=int(t.get("intermediate_size", _T.intermediate_size)),
+        vocab_size=int(t.get("vocab_size", _T.vocab_size)),
         rope_theta=theta,
         rope_type=kind,
         rope_factor=factor,
-        max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(t.get("max_position_embeddings", _T.max_position_embeddings)),
+        rms_norm_eps=float(t.get("rms_norm_eps", _T.rms_norm_eps)),
         # Qwen2 always has q/k/v bias and never an o bias; Llama's attention_bias covers all four.
         qkv_bias=True if qwen else bool(t.get("attention_bias", False)),
         o_bias=False if qwen else bool(t.get("attention_bias", False)),
         mlp_bias=False if qwen else bool(t.get("mlp_bias", False)),
-        hidden_act=t.get("hidden_act", "silu"),
+        hidden_act=t.get("hidden_act", _T.hidden_act),
     )
     vision = VisionConfig(
-        hidden_size=int(v.get("hidden_size", 1024)),
-        num_layers=int(v.get("num_hidden_layers", 24)),
-        num_heads=int(v.get("num_attention_heads", 16)),
-        intermediate_size=int(v.get("intermediate_size", 4096)),
-        norm_type=v.get("norm_type", "layer_norm"),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        use_qk_norm=bool(v.get("use_qk_norm", False)),
-        attention_bias=bool(v.get("attention_bias", False)),
-        layer_scale_init_value=float(v.get("layer_scale_init_value", 0.1)),
-        image_size=_square(v.get("image_size", 448), "vision_config.image_size"),
-        patch_size=_square(v.get("patch_size", 14), "vision_config.patch_size"),
-        num_channels=int(v.get("num_channels", 3)),
-        hidden_act=v.get("hidden_act", "gelu"),
-        use_mean_pooling=bool(v.get("use_mean_pooling", True)),
+        hidden_size=int(v.get("hidden_size", _V.hidden_size)),
+        num_layers=int(v.get("num_hidden_layers", _V.num_layers)),
+        num_heads=int(v.get("num_attention_heads", _V.num_heads)),
+        intermediate_size=int(v.get("intermediate_size", _V.intermediate_size)),
+        norm_type=v.get("norm_type", _V.norm_type),
+        layer_norm_eps=float(v.get("layer_norm_eps", _V.layer_norm_eps)),
+        use_qk_norm=bool(v.get("use_qk_norm", _V.use_qk_norm)),
+        attention_bias=bool(v.get("attention_bias", False)),  # transformers' default; the original's is true
+        layer_scale_init_value=float(v.get("layer_scale_init_value", _V.layer_scale_init_value)),
+        image_size=_square(v.get("image_size", _V.image_size), "vision_config.image_size"),
+        patch_size=_square(v.get("patch_size", _V.patch_size), "vision_config.patch_size"),
+        num_channels=int(v.get("num_channels", _V.num_channels)),
+        hidden_act=v.get("hidden_act", _V.hidden_act),
+        use_mean_pooling=bool(v.get("use_mean_pooling", _V.use_mean_pooling)),
     )
     cfg = InternVLConfig(
         vision=vision,
         text=text,
-        image_token_id=int(raw.get("image_token_id", 151667)),
-        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
-        projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
-        vision_feature_layer=raw.get("vision_feature_layer", -1),
-        vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
+        image_token_id=int(raw.get("image_token_id", _C.image_token_id)),
+        downsample_ratio=float(raw.get("downsample_ratio", _C.downsample_ratio)),
+        projector_hidden_act=raw.get("projector_hidden_act", _C.projector_hidden_act),
+        vision_feature_layer=raw.get("vision_feature_layer", _C.vision_feature_layer),
+        vision_feature_select_strategy=raw.get("vision_feature_select_strategy", _C.vision_feature_select_strategy),
         # transformers ties lm_head by the top-level flag (default true), not text_config's.
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
     )
@@ -314,7 +323,29 @@ _ORIGINAL_LLMS = {
 }
 
 
-def _from_original(raw: dict[str, Any]) -> InternVLConfig:
+def token_id_in_files(directory: Path, token: str) -> int | None:
+    """The id of an added token as a checkpoint's tokenizer files declare it (added_tokens.json,
+    tokenizer_config.json's added_tokens_decoder, tokenizer.json's added_tokens), or None."""
+    def read(name: str) -> Any:
+        try:
+            return json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    added = read("added_tokens.json")
+    if isinstance(added, dict) and isinstance(added.get(token), int):
+        return added[token]
+    decoder = (read("tokenizer_config.json") or {}).get("added_tokens_decoder") or {}
+    for key, entry in decoder.items():
+        if isinstance(entry, dict) and entry.get("content") == token and str(key).isdigit():
+            return int(key)
+    for entry in (read("tokenizer.json") or {}).get("added_tokens") or []:
+        if isinstance(entry, dict) and entry.get("content") == token and isinstance(entry.get("id"), int):
+            return entry["id"]
+    return None
+
+
+def _from_original(raw: dict[str, Any], tokenizer_image_id: int | None = None) -> InternVLConfig:
     v, t = raw.get("vision_config") or {}, raw.get("llm_config") or {}
     archs = t.get("architectures") or ["Qwen2ForCausalLM"]
     if archs[0] not in _ORIGINAL_LLMS:
@@ -342,35 +373,38 @@ def _from_original(raw: dict[str, Any]) -> InternVLConfig:
         rope_theta=theta,
         rope_type=kind,
         rope_factor=factor,
-        max_position_embeddings=int(t.get("max_position_embeddings", 32768)),
-        rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(t.get("max_position_embeddings", _T.max_position_embeddings)),
+        rms_norm_eps=float(t.get("rms_norm_eps", _T.rms_norm_eps)),
         qkv_bias=True if qwen else bias,
         o_bias=False if qwen else bias,
         mlp_bias=False,
-        hidden_act=t.get("hidden_act", "silu"),
+        hidden_act=t.get("hidden_act", _T.hidden_act),
     )
-    size = int(raw.get("force_image_size") or v.get("image_size", 448))
+    size = int(raw.get("force_image_size") or v.get("image_size", _V.image_size))
     vision = VisionConfig(
         hidden_size=int(v["hidden_size"]),
         num_layers=int(v["num_hidden_layers"]),
         num_heads=int(v["num_attention_heads"]),
         intermediate_size=int(v["intermediate_size"]),
-        norm_type=v.get("norm_type", "layer_norm"),
-        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-        use_qk_norm=bool(v.get("qk_normalization", False)),
-        attention_bias=bool(v.get("qkv_bias", True)),
-        layer_scale_init_value=float(v.get("initializer_factor", 0.1)),
+        norm_type=v.get("norm_type", _V.norm_type),
+        layer_norm_eps=float(v.get("layer_norm_eps", _V.layer_norm_eps)),
+        use_qk_norm=bool(v.get("qk_normalization", _V.use_qk_norm)),
+        attention_bias=bool(v.get("qkv_bias", _V.attention_bias)),
+        layer_scale_init_value=float(v.get("initializer_factor", _V.layer_scale_init_value)),
         image_size=size,
-        patch_size=int(v.get("patch_size", 14)),
-        hidden_act=v.get("hidden_act", "gelu"),
+        patch_size=int(v.get("patch_size", _V.patch_size)),
+        hidden_act=v.get("hidden_act", _V.hidden_act),
     )
+    # The original model looks `<IMG_CONTEXT>` up in its tokenizer; without tokenizer files, the id of the LLM's
+    # tokenizer family (a Qwen2 id in an InternLM2 model would match no token: the model would see no image).
+    image_token_id = raw.get("img_context_token_id") or tokenizer_image_id or IMAGE_TOKEN_IDS[arch]
     cfg = InternVLConfig(
         vision=vision,
         text=text,
-        image_token_id=int(raw.get("img_context_token_id") or 151667),
-        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        image_token_id=int(image_token_id),
+        downsample_ratio=float(raw.get("downsample_ratio", _C.downsample_ratio)),
         projector_hidden_act="gelu",
-        vision_feature_layer=int(raw.get("select_layer", -1)),
+        vision_feature_layer=int(raw.get("select_layer", _C.vision_feature_layer)),
         vision_feature_select_strategy="default",
         tie_word_embeddings=bool(t.get("tie_word_embeddings", False)),
     )

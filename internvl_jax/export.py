@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ import numpy as np
 from internvl_jax import weights
 from internvl_jax.checkpoint import ParamReader, atomic_directory, copy_sidecar_files
 from internvl_jax.config import InternVLConfig
+from internvl_jax.model.params import abstract_params
+from internvl_jax.planner import parse_bytes
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 DEFAULT_SHARD = 5 * 1024**3
@@ -40,23 +42,6 @@ class _Entry:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    if text.isdigit():
-        return int(text)
-    raise ValueError(f"size {size!r}: a number of bytes or e.g. 5GB, 500MB, 2GiB")
 
 
 def _entries(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStruct], dtype: np.dtype | None
@@ -130,7 +115,7 @@ def export_params(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStru
                   force: bool = False, sidecar_from: Path | None = None) -> Path:
     """Write `dst`: config.json + model.safetensors (or shards + index); `get(path)` gives one parameter."""
     entries = _entries(config, abstract, np.dtype(dtype) if dtype else None)
-    shards = _plan(entries, parse_size(max_shard_size))
+    shards = _plan(entries, parse_bytes(max_shard_size))
     fetch = _Fetcher(get, config.text.vocab_size)
     protect = (sidecar_from,) if sidecar_from else ()
     with atomic_directory(dst, force, protect=protect) as tmp:
@@ -159,12 +144,10 @@ def export_model(model: Any, dst: str | Path, **kwargs: Any) -> Path:
 
 def export_converted(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
     """A converted directory (`python -m convert`) -> -hf safetensors, one parameter in memory at a time."""
-    from internvl_jax.modeling import InternVL
-
     src = Path(src)
     reader = ParamReader(src)
     config = InternVLConfig.from_pretrained(src)
-    abstract = weights.flatten_paths(InternVL.abstract_params(config, reader.manifest.get("dtype", "float32")))
+    abstract = weights.flatten_paths(abstract_params(config, reader.manifest.get("dtype", "float32")))
     reader.check(abstract)
     saved = {p: jax.ShapeDtypeStruct(s.shape, np.dtype(reader.entries[p]["dtype"])) for p, s in abstract.items()}
 
@@ -187,8 +170,3 @@ class _LayerView:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.asarray(jax.device_get(self.array))
         return out if dtype is None else out.astype(dtype)
-
-
-def iter_keys(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStruct]) -> Iterator[str]:
-    """The -hf keys an export of this config writes (for checks and tests)."""
-    return (e.key for e in _entries(config, abstract, None))

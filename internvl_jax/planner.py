@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from internvl_jax.config import InternVLConfig
-from internvl_jax.sharding import CACHE_AXES, MESH_AXES, logical_axes, shard_shape, spec_for
+from internvl_jax.model.decoder import KVCache
+from internvl_jax.model.params import abstract_params
+from internvl_jax.sharding import logical_axes, parse_mesh_spec, shard_shape, spec_for
+from internvl_jax.weights import flatten_paths
 
 GiB = 2**30
 
@@ -46,18 +49,15 @@ class Plan:
 
 
 def _sizes(mesh: Mapping[str, int]) -> dict[str, int]:
-    unknown = set(mesh) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
-    return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    sizes = parse_mesh_spec(mesh)
+    if -1 in sizes.values():
+        raise ValueError(f"mesh {dict(mesh)}: the planner needs every axis size (no -1)")
+    return sizes
 
 
 def weight_bytes(config: InternVLConfig, mesh: Mapping[str, int], dtype: str = "bfloat16") -> int:
-    from internvl_jax.modeling import InternVL
-    from internvl_jax.weights import flatten_paths
-
     sizes = _sizes(mesh)
-    shapes = flatten_paths(InternVL.abstract_params(config, dtype))
+    shapes = flatten_paths(abstract_params(config, dtype))
     axes = logical_axes(config, dtype)
     item = jnp.dtype(dtype).itemsize
     return sum(math.prod(shard_shape(s.shape, spec_for(s.shape, axes[p], sizes), sizes)) * item
@@ -67,10 +67,9 @@ def weight_bytes(config: InternVLConfig, mesh: Mapping[str, int], dtype: str = "
 def cache_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, slots: int,
                 dtype: str = "bfloat16") -> int:
     sizes = _sizes(mesh)
-    t = config.text
-    shape = (t.num_layers, batch, slots, t.num_kv_heads, t.head_dim)
-    per_device = shard_shape(shape, spec_for(shape, CACHE_AXES, sizes), sizes)
-    return 2 * math.prod(per_device) * jnp.dtype(dtype).itemsize
+    cache = KVCache.abstract(config.text, batch, slots, dtype)
+    return sum(math.prod(shard_shape(a.shape, spec_for(a.shape, KVCache.AXES[:a.ndim], sizes), sizes))
+               * a.dtype.itemsize for a in (cache.k, cache.v))
 
 
 def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int,
@@ -100,12 +99,16 @@ def plan(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, 
                 activation_bytes(config, mesh, batch, seq, tiles, dtype), device_memory)
 
 
-def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '141e9' -> bytes (GB = 1e9, GiB = 2**30)."""
+def parse_bytes(text: str | int) -> int:
+    """'80GB', '80GiB', '500MB', '141e9', 1000 -> bytes (GB = 1e9, GiB = 2**30)."""
+    if isinstance(text, int):
+        return text
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
              "tb": 10**12, "b": 1}
     s = text.strip().lower()
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(float(s))
+    factor = next((f for unit, f in units.items() if s.endswith(unit)), 1)
+    number = next((s[: -len(unit)] for unit in units if s.endswith(unit)), s)
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"size {text!r}: a number of bytes or e.g. 80GB, 500MB, 2GiB") from None

@@ -126,3 +126,8 @@ class SafetensorsDir:
     def nbytes(self) -> int:
         return sum(e["data_offsets"][1] - e["data_offsets"][0] for f in self.files.values()
                    for e in f.entries.values())
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per value of a safetensors dtype name ('BF16' -> 2); 4 for a name this reader does not know."""
+    return np.dtype(_DTYPES[dtype]).itemsize if dtype in _DTYPES else 4

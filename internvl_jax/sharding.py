@@ -17,6 +17,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internvl_jax.config import InternVLConfig
+from internvl_jax.model.decoder import KVCache
+from internvl_jax.model.params import abstract_params
+from internvl_jax.weights import flatten_paths
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -44,22 +47,33 @@ RULES: dict[str, str | None] = {
 }
 
 
+def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """"data=2,tensor=4" (or a dict) -> every mesh axis's size; missing axes are 1, one axis may be -1."""
+    sizes = {a: 1 for a in MESH_AXES}
+    items = list(spec.items()) if isinstance(spec, Mapping) else [p.split("=") for p in spec.split(",") if p.strip()]
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"mesh {spec!r}: expected AXIS=SIZE pairs such as data=2,tensor=4 "
+                             f"(axes {', '.join(MESH_AXES)})")
+        name, value = str(item[0]).strip(), item[1]
+        if name not in sizes:
+            raise ValueError(f"mesh axis {name!r} is not one of {MESH_AXES}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh {spec!r}: size {value!r} of axis {name!r} is not a whole number") from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ValueError(f"mesh {spec!r}: axis {name!r} has size {sizes[name]}; sizes are >= 1 (or -1: the rest)")
+    if sum(n == -1 for n in sizes.values()) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    return sizes
+
+
 def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh from "data=2,tensor=4" (missing axes get size 1; one axis may be -1 = the rest)."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = {a: 1 for a in MESH_AXES}
-    if spec is None:
-        sizes["data"] = len(devices)
-    else:
-        items = spec.items() if isinstance(spec, dict) else (p.split("=") for p in spec.split(",") if p.strip())
-        for name, value in items:
-            name = name.strip()
-            if name not in sizes:
-                raise ValueError(f"mesh axis {name!r} is not one of {MESH_AXES}")
-            sizes[name] = int(value)
+    sizes = parse_mesh_spec({"data": len(devices)} if spec is None else spec)
     rest = [a for a, n in sizes.items() if n == -1]
-    if len(rest) > 1:
-        raise ValueError("at most one mesh axis may be -1")
     known = math.prod(n for n in sizes.values() if n != -1)
     if rest:
         sizes[rest[0]] = len(devices) // known
@@ -88,32 +102,26 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | Mapp
 
 def logical_axes(config: InternVLConfig, dtype: str = "float32") -> dict[str, tuple[str | None, ...]]:
     """Our parameter path -> its logical axes (from the modules' declarations)."""
-    from internvl_jax.modeling import InternVL
-    from internvl_jax.weights import flatten_paths
-
-    boxed = InternVL.abstract_params(config, dtype, boxed=True)
-    flat = flatten_paths(boxed)
+    flat = flatten_paths(abstract_params(config, dtype, boxed=True))
     return {p: tuple(v.names) if isinstance(v, nn.Partitioned) else (None,) * len(v.shape) for p, v in flat.items()}
 
 
 def param_shardings(config: InternVLConfig, mesh: Mesh, dtype: str = "float32") -> dict[str, NamedSharding]:
     """Our parameter path -> NamedSharding on `mesh`."""
-    from internvl_jax.modeling import InternVL
-    from internvl_jax.weights import flatten_paths
-
-    shapes = flatten_paths(InternVL.abstract_params(config, dtype))
+    shapes = flatten_paths(abstract_params(config, dtype))
     axes = logical_axes(config, dtype)
     return {p: NamedSharding(mesh, spec_for(shapes[p].shape, axes[p], mesh)) for p in shapes}
 
 
-# Logical axes of the KV cache ([layers, batch, slots, kv_heads, head_dim]) and of per-row inputs.
-CACHE_AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")
-
-
 def cache_sharding(config: InternVLConfig, mesh: Mesh, batch: int, slots: int) -> NamedSharding:
-    t = config.text
-    shape = (t.num_layers, batch, slots, t.num_kv_heads, t.head_dim)
-    return NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh))
+    """Sharding of the KV cache's keys (and values), from the cache's declared axes (`KVCache.AXES`)."""
+    return NamedSharding(mesh, spec_for(KVCache.shape(config.text, batch, slots), KVCache.AXES, mesh))
+
+
+def cache_shardings(config: InternVLConfig, mesh: Mesh, batch: int, slots: int) -> KVCache:
+    """The whole cache's shardings (its slot counter is a replicated scalar)."""
+    kv = cache_sharding(config, mesh, batch, slots)
+    return KVCache(kv, kv, NamedSharding(mesh, PartitionSpec()))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from internvl_jax.config import InternVLConfig
+from internvl_jax.config import VOCAB_MULTIPLE, InternVLConfig
 
 # Key prefixes: -hf (transformers' module tree) and the original OpenGVLab layout (InternVLChatModel).
 _HV, _HT = "model.vision_tower", "model.language_model"
@@ -194,7 +194,7 @@ def padded_rows(m: Mapping, rows: int, shape: tuple[int, ...]) -> int | None:
     if m.vocab_axis is None:
         return None
     target = shape[m.vocab_axis]
-    return target if rows < target < rows + 128 else None
+    return target if rows < target < rows + VOCAB_MULTIPLE else None
 
 
 def to_ours(m: Mapping, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -210,7 +210,7 @@ def to_ours(m: Mapping, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
     else:
         out = tensor
     ax = m.vocab_axis
-    if ax is not None and out.ndim == len(shape) and out.shape[ax] < shape[ax] and out.shape[ax] + 128 > shape[ax]:
+    if ax is not None and out.ndim == len(shape) and out.shape[ax] < shape[ax] < out.shape[ax] + VOCAB_MULTIPLE:
         widths = [(0, 0)] * out.ndim
         widths[ax] = (0, shape[ax] - out.shape[ax])
         out = np.pad(out, widths)
@@ -264,17 +264,3 @@ def unflatten_paths(flat: dict[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
-
-
-def checkpoint_keys(cfg: InternVLConfig, paths: list[str]) -> dict[str, tuple[str, int | None]]:
-    """Every -hf key our parameters need -> (our path, layer index or None)."""
-    out: dict[str, tuple[str, int | None]] = {}
-    for path in paths:
-        m = mapping(path)
-        if m.stacked:
-            n = cfg.vision.num_layers if path.startswith("vision/") else cfg.text.num_layers
-            for i in range(n):
-                out[m.key.format(i=i)] = (path, i)
-        else:
-            out[m.key] = (path, None)
-    return out

@@ -142,8 +142,14 @@ def original_config(hf: dict, llm_arch: str) -> dict:
             "vision_config": vision, "llm_config": llm}
 
 
-def save_original(model, cfg: dict, llm_arch: str, directory: Path, shard_bytes: int | None = None) -> Path:
+def save_original(model, cfg: dict, llm_arch: str, directory: Path, shard_bytes: int | None = None,
+                  tokenizer: bool = True) -> Path:
+    """`tokenizer`: also write the tokenizer's added tokens, as an original checkpoint ships them: the original
+    model looks its image context token up there (its config.json does not say it)."""
     directory.mkdir(parents=True)
+    if tokenizer:
+        image_token = cfg.get("image_token_id", tm.IMAGE_TOKEN)
+        (directory / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": image_token}))
     state = original_state(model, llm_arch == "InternLM2ForCausalLM")
     if shard_bytes is None:
         save_file(state, str(directory / "model.safetensors"))
@@ -498,3 +504,77 @@ def test_python_dash_m_convert(tmp_path, tiny_hf):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "converting" in run.stderr and "100%" in run.stderr
     assert checkpoint.read_manifest(tmp_path / "ours")["dtype"] == "bfloat16"
+
+
+# ----- original checkpoints loaded directly (one reader for every path) -----
+@pytest.mark.parametrize("name", list(CASES))
+def test_from_pretrained_loads_original_layouts_directly(tmp_path, name):
+    """InternVL.from_pretrained reads an original OpenGVLab directory (fused q/k/v, InternLM2 names, index-sharded
+    files) without a conversion: the same parameters as from the -hf copy, the same logits as transformers."""
+    cfg, llm_arch = CASES[name]
+    ref = tm.torch_model(cfg, seed=11)
+    hf_dir = tm.save(ref, tmp_path / "hf", "module")
+    orig_dir = save_original(ref, cfg, llm_arch, tmp_path / "orig", shard_bytes=200_000)
+    assert (orig_dir / "model.safetensors.index.json").is_file()
+    model = InternVL.from_pretrained(orig_dir)
+    assert model.config == InternVL.from_pretrained(hf_dir).config
+    ours = W.flatten_paths(model.params)
+    for k, v in W.flatten_paths(InternVL.from_pretrained(hf_dir).params).items():
+        assert np.array_equal(np.asarray(ours[k]), np.asarray(v)), k
+    ids, px = inputs(cfg, seed=2)
+    close(model(ids, px), tm.torch_logits(ref, ids, px))
+
+
+def _internlm2_prompt(cfg: dict, image_token: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, px = inputs(cfg, seed=3)
+    ids = np.where(ids == tm.IMAGE_TOKEN, image_token, ids)
+    assert (ids == image_token).sum() == 2 * tm.tokens_per_tile(cfg)
+    return ids, px
+
+
+def test_internlm2_original_without_tokenizer_files_sees_its_images(tmp_path):
+    """An InternLM2-type original checkpoint whose directory has no tokenizer files: the image context token is
+    InternLM2's `<IMG_CONTEXT>` (92546, as transformers' conversion sets it), not Qwen2's 151667, or the model
+    would see no image. Image prompt -> the same logits as transformers on the -hf copy, loaded directly, after
+    conversion, and after export back to -hf."""
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = tm.hf_config(tm.VISION_6B_STYLE, TEXT_INTERNLM2, image_token_id=92546)
+    ref = tm.torch_model(cfg, seed=5)
+    orig_dir = save_original(ref, cfg, "InternLM2ForCausalLM", tmp_path / "orig", tokenizer=False)
+    assert not any(p.name.startswith(("tokenizer", "added_tokens")) for p in orig_dir.iterdir())
+    assert InternVLConfig.from_pretrained(orig_dir).image_token_id == 92546
+    ids, px = _internlm2_prompt(cfg, 92546)
+    expected = tm.torch_logits(ref, ids, px)
+    close(InternVL.from_pretrained(orig_dir)(ids, px), expected)
+
+    convert(orig_dir, tmp_path / "ours", dtype="float32", progress=False)
+    close(InternVL.from_pretrained(tmp_path / "ours")(ids, px), expected)
+    export_converted(tmp_path / "ours", tmp_path / "back")
+    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    assert back.config.image_token_id == 92546
+    close(tm.torch_logits(back, ids, px), expected)
+
+
+def test_original_image_token_comes_from_the_tokenizer_files(tmp_path):
+    """Each tokenizer file that can name `<IMG_CONTEXT>` is read; config.json's own field wins; without any,
+    the LLM family's id."""
+    raw = original_config(*CASES["vit6b_style_internlm2"])
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(raw))
+    assert InternVLConfig.from_pretrained(d).image_token_id == 92546
+    (d / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 7, "content": "<img>"},
+                                                                    {"id": 9, "content": "<IMG_CONTEXT>"}]}))
+    assert InternVLConfig.from_pretrained(d).image_token_id == 9
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "11": {"content": "<IMG_CONTEXT>", "special": True}}}))
+    assert InternVLConfig.from_pretrained(d).image_token_id == 11
+    (d / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 13}))
+    assert InternVLConfig.from_pretrained(d).image_token_id == 13
+    (d / "config.json").write_text(json.dumps(raw | {"img_context_token_id": 15}))
+    assert InternVLConfig.from_pretrained(d).image_token_id == 15
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(original_config(*CASES["vit300m_qwen2"])))
+    assert InternVLConfig.from_pretrained(qwen).image_token_id == 151667

@@ -121,7 +121,7 @@ def test_missing_extra_and_misshapen_weights(tiny, tmp_path):
     src, _ = tiny
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop(key))
-    with pytest.raises(CheckpointError, match=f"lacks 1 weight.*{key}"):
+    with pytest.raises(CheckpointError, match=f"lacks 1 tensor.*{key}"):
         InternVL.from_pretrained(missing)
     extra_weight = {"vision_tower.extra.weight": np.zeros(3, np.float32)}
     extra = _rewrite(src, tmp_path / "extra", lambda t: t.update(extra_weight))

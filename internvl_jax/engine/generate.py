@@ -25,14 +25,18 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from internvl_jax.config import InternVLConfig
 from internvl_jax.engine import layer_loop
 from internvl_jax.engine.sampling import SamplingConfig
-from internvl_jax.engine.step import DecodeState, choose_next, slot_mask
+from internvl_jax.engine.step import DecodeState, advanced, choose_next, slot_mask
+from internvl_jax.inputs import ModelInputs
 from internvl_jax.model.decoder import KVCache
-from internvl_jax.model.internvl import InternVLModule, feature_index
-from internvl_jax.sharding import batch_sharding, cache_sharding
+from internvl_jax.model.internvl import InternVLModule, feature_rows
+from internvl_jax.sharding import batch_sharding, cache_shardings
+
+Params = dict[str, Any]
 
 MIN_PROMPT_BUCKET = 16
 STREAM_CHUNK = 8
@@ -70,11 +74,12 @@ def free_memory_bytes(device: jax.Device) -> int | None:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
 
 
-def check_cache_fits(cfg, batch: int, slots: int, dtype: jnp.dtype, device: jax.Device | None = None) -> int:
+def check_cache_fits(cfg: InternVLConfig, batch: int, slots: int, dtype: jnp.dtype,
+                     device: jax.Device | None = None) -> int:
     """Raise MemoryError (before allocating) when the KV cache would not fit; returns its size in bytes."""
     t = cfg.text
-    itemsize = jnp.dtype(dtype).itemsize
-    need = 2 * t.num_layers * batch * slots * t.num_kv_heads * t.head_dim * itemsize
+    cache = KVCache.abstract(t, batch, slots, dtype)
+    need = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
     need += batch * t.vocab_size * (4 + 1)  # next-token logits and the repetition-penalty mask
     device = device or jax.local_devices()[0]
     free = free_memory_bytes(device)
@@ -86,7 +91,7 @@ def check_cache_fits(cfg, batch: int, slots: int, dtype: jnp.dtype, device: jax.
     return need
 
 
-def max_length(cfg) -> int:
+def max_length(cfg: InternVLConfig) -> int:
     """Longest sequence (prompt + new tokens) the model takes: dynamic NTK RoPE stretches it by its factor."""
     t = cfg.text
     return int(t.max_position_embeddings * (t.rope_factor if t.rope_type == "dynamic" else 1))
@@ -95,31 +100,45 @@ def max_length(cfg) -> int:
 # ----- compiled programs -----
 @functools.lru_cache(maxsize=8)
 def _prefill_fn(module: InternVLModule) -> Callable:
-    def prefill(params, ids, pixels, positions, kv_mask, cache, index):
+    def prefill(params, ids, pixels, positions, kv_mask, cache, feature_rows):
         mask = slot_mask(jnp.arange(ids.shape[1]), kv_mask)
-        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, 1, index)
+        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, logits_to_keep=1,
+                                     feature_rows=feature_rows)
         return logits[:, -1], cache
 
     return jax.jit(prefill, donate_argnums=(5,))
 
 
 @functools.lru_cache(maxsize=32)
-def _decode_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
-    """The on-device loop. `rule` (static) holds everything but the seed and max_new_tokens."""
+def _decode_fn(module: InternVLModule, sampling: SamplingConfig) -> Callable:
+    """The on-device loop. `sampling` (static) holds everything but the seed and max_new_tokens."""
 
-    def decode(params, state: DecodeState, limit: jax.Array) -> DecodeState:
-        def cond(st: DecodeState) -> jax.Array:
+    def decode(params, cache: KVCache, state: DecodeState, limit: jax.Array) -> tuple[KVCache, DecodeState]:
+        def cond(carry: tuple[KVCache, DecodeState]) -> jax.Array:
+            _, st = carry
             return (st.step < limit) & ~jnp.all(st.done)
 
-        def body(st: DecodeState) -> DecodeState:
-            st, tok, mask = choose_next(st, rule)
-            logits, cache = module.apply({"params": params}, tok[:, None], None, st.positions[:, None], mask,
-                                         st.cache)
-            return st._replace(cache=cache, logits=logits[:, -1], positions=st.positions + 1, step=st.step + 1)
+        def body(carry: tuple[KVCache, DecodeState]) -> tuple[KVCache, DecodeState]:
+            cache, st = carry
+            st, tok, mask = choose_next(st, cache.slot, sampling)
+            logits, cache = module.apply({"params": params}, tok[:, None], None, st.positions[:, None], mask, cache)
+            return cache, advanced(st, logits)
 
-        return jax.lax.while_loop(cond, body, state)
+        return jax.lax.while_loop(cond, body, (cache, state))
 
-    return jax.jit(decode, donate_argnums=(1,))
+    return jax.jit(decode, donate_argnums=(1, 2))
+
+
+def decode_loop(module: InternVLModule, params: Params, sampling: SamplingConfig, mesh: Mesh | None) -> Callable:
+    """`decode(params, cache, state, limit) -> (cache, state)`: the loop that runs the decode steps.
+
+    On one CPU device, the host-driven layer loop (`layer_loop`): inside one program XLA:CPU copies each scanned
+    layer's weights out of the stack before using them, which the layer loop avoids (2x faster batch-1 decode).
+    Everywhere else (a mesh, several processes, GPU, TPU) and where the weights cannot be viewed in place, the
+    on-device `lax.while_loop`.
+    """
+    host_loop = layer_loop.decoder(module, params, sampling) if mesh is None else None
+    return host_loop or _decode_fn(module, sampling)
 
 
 # ----- host driver -----
@@ -165,12 +184,12 @@ class Prepared:
     ids: np.ndarray  # [rows, length]
     kv_mask: np.ndarray  # [rows, slots]
     positions: np.ndarray  # [rows, length]
-    index: np.ndarray  # [rows, length]: feature row of each image token in the global tile array
+    feature_rows: np.ndarray  # [rows, length]: feature row of each image token in the global tile array
     pixels: np.ndarray | None  # [tiles, 3, H, W]
 
 
-def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, lay: Layout, pad: int,
-            max_new: int) -> Prepared:
+def prepare(cfg: InternVLConfig, inputs: ModelInputs, lay: Layout, pad: int, max_new: int) -> Prepared:
+    ids, mask, pixels = inputs.ids, inputs.mask, inputs.pixels
     b, t = ids.shape
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
@@ -188,16 +207,16 @@ def prepare(cfg, ids: np.ndarray, mask: np.ndarray, pixels: np.ndarray | None, l
     positions[:b, tb - t:] = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
     # This process's tiles sit at block `process_index` of the global tile array.
     offset = jax.process_index() * lay.tiles * cfg.image_seq_length if lay.processes > 1 else 0
-    index = feature_index(full_ids, cfg.image_token_id, offset)
+    rows = feature_rows(full_ids, cfg.image_token_id, offset)
     if lay.tiles:
         padded = np.zeros((lay.tiles, *cfg_pixel_shape(cfg, pixels)), np.float32 if pixels is None else pixels.dtype)
         if pixels is not None:
             padded[: pixels.shape[0]] = pixels
         pixels = padded
-    return Prepared(full_ids, kv_mask, positions, index, pixels)
+    return Prepared(full_ids, kv_mask, positions, rows, pixels)
 
 
-def cfg_pixel_shape(cfg, pixels: np.ndarray | None) -> tuple[int, ...]:
+def cfg_pixel_shape(cfg: InternVLConfig, pixels: np.ndarray | None) -> tuple[int, ...]:
     if pixels is not None:
         return tuple(pixels.shape[1:])
     v = cfg.vision
@@ -229,25 +248,23 @@ def host_scalar(x: jax.Array) -> int:
     return int(np.asarray(x.addressable_data(0)))
 
 
-def run(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-        streamer: Streamer | None = None, **kwargs: Any) -> np.ndarray:
-    """transformers-style generate: [b, prompt + new] ids, rows padded with pad_token_id after they end.
+def generate(module: InternVLModule, params: Params, inputs: ModelInputs, sampling: SamplingConfig,
+             mesh: Mesh | None = None, streamer: Streamer | None = None) -> np.ndarray:
+    """transformers-style generate: [b, prompt + new] ids, rows padded with the pad id after they end.
 
     In a multi-process run each process passes its own rows; the result holds every process's rows in
     process order (prompts left padded to the longest)."""
-    chunks = list(stream(model, input_ids, pixel_values, attention_mask, streamer=streamer, **kwargs))
-    ids = np.asarray(input_ids)
-    ids = ids[None] if ids.ndim == 1 else ids
-    if jax.process_count() > 1 and getattr(model, "mesh", None) is not None:
-        ids = _gather_prompts(ids, attention_mask, model.generation_config.update(**kwargs))
+    chunks = list(stream(module, params, inputs, sampling, mesh, streamer=streamer))
+    ids = inputs.ids
+    if jax.process_count() > 1 and mesh is not None:
+        ids = _gather_prompts(ids, sampling.pad_id)
     new = np.concatenate(chunks, axis=1) if chunks else np.zeros((ids.shape[0], 0), np.int32)
     return np.concatenate([ids.astype(np.int64), new.astype(np.int64)], axis=1)
 
 
-def _gather_prompts(ids: np.ndarray, attention_mask: Any, sc: SamplingConfig) -> np.ndarray:
+def _gather_prompts(ids: np.ndarray, pad: int) -> np.ndarray:
     from jax.experimental import multihost_utils
 
-    pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
     counts = np.asarray(multihost_utils.process_allgather(np.array(ids.shape, np.int32))).reshape(-1, 2)
     rows, width = int(counts[:, 0].max()), int(counts[:, 1].max())
     block = np.full((rows, width), pad, np.int64)
@@ -256,49 +273,44 @@ def _gather_prompts(ids: np.ndarray, attention_mask: Any, sc: SamplingConfig) ->
     return np.concatenate([full[p * rows: p * rows + int(n)] for p, n in enumerate(counts[:, 0])])
 
 
-def stream(model, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-           streamer: Streamer | None = None, chunk: int | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
+def stream(module: InternVLModule, params: Params, inputs: ModelInputs, sampling: SamplingConfig,
+           mesh: Mesh | None = None, streamer: Streamer | None = None, chunk: int | None = None
+           ) -> Iterator[np.ndarray]:
     """Yield new tokens [b, n] as they are produced (chunks of `chunk` steps; all at once when None and no
-    streamer is given)."""
-    cfg = model.config
-    mesh: Mesh | None = getattr(model, "mesh", None)
-    sc = model.generation_config.update(**kwargs)
-    pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
-    sc = dataclasses.replace(sc, pad_token_id=pad)
-    ids, pixels, mask = model._inputs(input_ids, pixel_values, attention_mask)
-    lay = plan_layout(ids.shape[0], ids.shape[1], 0 if pixels is None else pixels.shape[0], sc.max_new_tokens, mesh)
-    prep = prepare(cfg, ids, mask, pixels, lay, pad, sc.max_new_tokens)
+    streamer is given). `inputs` are checked (`inputs.check_inputs`); `params` are laid out on `mesh` when given."""
+    cfg, dtype = module.cfg, module.param_dtype
+    lay = plan_layout(inputs.ids.shape[0], inputs.ids.shape[1],
+                      0 if inputs.pixels is None else inputs.pixels.shape[0], sampling.max_new_tokens, mesh)
+    prep = prepare(cfg, inputs, lay, sampling.pad_id, sampling.max_new_tokens)
     total = lay.rows * lay.processes
-    check_cache_fits(cfg, total // (mesh.shape["data"] if mesh is not None else 1), lay.slots, model.dtype)
+    check_cache_fits(cfg, total // (mesh.shape["data"] if mesh is not None else 1), lay.slots, dtype)
 
     def put(x: np.ndarray) -> jax.Array:
         return to_global(x, mesh, lay.processes)
 
-    if mesh is None:
-        cache = KVCache.zeros(cfg.text, total, lay.slots, model.dtype)
-    else:  # allocated in place, already split as the rules table says
-        shard = cache_sharding(cfg, mesh, total, lay.slots)
-        cache = jax.jit(lambda: KVCache.zeros(cfg.text, total, lay.slots, model.dtype),
-                        out_shardings=KVCache(shard, shard, NamedSharding(mesh, PartitionSpec())))()
+    def zeros() -> KVCache:
+        return KVCache.zeros(cfg.text, total, lay.slots, dtype)
+
+    # On a mesh the cache is allocated in place, already split as the rules table says.
+    cache = zeros() if mesh is None else jax.jit(zeros, out_shardings=cache_shardings(cfg, mesh, total, lay.slots))()
     pixels_dev = None if prep.pixels is None else put(prep.pixels)
-    logits, cache = _prefill_fn(model.module)(model.params, put(prep.ids), pixels_dev, put(prep.positions),
-                                              put(prep.kv_mask), cache, put(prep.index))
-    seen_width = cfg.text.vocab_size if sc.repetition_penalty != 1.0 else 0
+    logits, cache = _prefill_fn(module)(params, put(prep.ids), pixels_dev, put(prep.positions), put(prep.kv_mask),
+                                        cache, put(prep.feature_rows))
+    real_rows = inputs.ids.shape[0]
+    seen_width = cfg.text.vocab_size if sampling.repetition_penalty != 1.0 else 0
     seen = np.zeros((lay.rows, seen_width), bool)
     if seen_width:  # transformers penalises every id of the prompt as given, its padding included
-        np.put_along_axis(seen[: ids.shape[0]], ids.astype(np.int64), True, axis=1)
-    done = np.arange(lay.rows) >= ids.shape[0]
-    state = DecodeState(cache, put(prep.kv_mask), logits, put(prep.positions[:, -1] + 1),
-                        put(np.zeros((lay.rows, lay.slots), np.int32)), np.int32(0), put(done),
-                        np.asarray(jax.random.PRNGKey(sc.seed)), put(seen))
-    rule = dataclasses.replace(sc, seed=0, max_new_tokens=1)
-    decode = (layer_loop.decoder(model.module, model.params, rule) if mesh is None else None) \
-        or _decode_fn(model.module, rule)
-    step = chunk or (STREAM_CHUNK if streamer is not None else sc.max_new_tokens)
+        np.put_along_axis(seen[:real_rows], inputs.ids.astype(np.int64), True, axis=1)
+    state = DecodeState(kv_mask=put(prep.kv_mask), logits=logits, positions=put(prep.positions[:, -1] + 1),
+                        tokens=put(np.zeros((lay.rows, lay.slots), np.int32)), step=np.int32(0),
+                        done=put(np.arange(lay.rows) >= real_rows), key=np.asarray(jax.random.PRNGKey(sampling.seed)),
+                        seen=put(seen))
+    decode = decode_loop(module, params, dataclasses.replace(sampling, seed=0, max_new_tokens=1), mesh)
+    step = chunk or (STREAM_CHUNK if streamer is not None else sampling.max_new_tokens)
     emitted = 0
-    while emitted < sc.max_new_tokens:
-        limit = min(emitted + step, sc.max_new_tokens)
-        state = decode(model.params, state, np.int32(limit))
+    while emitted < sampling.max_new_tokens:
+        limit = min(emitted + step, sampling.max_new_tokens)
+        cache, state = decode(params, cache, state, np.int32(limit))
         reached = host_scalar(state.step)
         if reached > emitted:
             new = gather_rows(state.tokens[:, emitted:reached], lay)

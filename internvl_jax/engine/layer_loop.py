@@ -25,7 +25,7 @@ import numpy as np
 
 from internvl_jax.config import TextConfig
 from internvl_jax.engine.sampling import SamplingConfig
-from internvl_jax.engine.step import choose_next
+from internvl_jax.engine.step import DecodeState, advanced, choose_next
 from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables
 from internvl_jax.model.internvl import InternVLModule
 
@@ -62,19 +62,19 @@ def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
     """`size` layers from layer `first` on: they write their keys/values into the whole cache, in place."""
     layer = DecoderLayer(cfg, param_dtype)
 
-    def run(group: tuple[Params, ...], first, x, k, v, rope, mask, index):
+    def run(group: tuple[Params, ...], first, x, k, v, rope, mask, slot):
         carry = (x, k, v)
         for j, p in enumerate(group):
-            carry, _ = layer.apply({"params": p}, carry, first + j, rope, mask, index)
+            carry, _ = layer.apply({"params": p}, carry, first + j, rope, mask, slot)
         return carry
 
     return jax.jit(run, donate_argnums=(3, 4))
 
 
 @functools.lru_cache(maxsize=32)
-def _begin_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
-    def begin(text: Params, st):
-        st, tok, mask = choose_next(st, rule)
+def _begin_fn(module: InternVLModule, sampling: SamplingConfig) -> Callable:
+    def begin(text: Params, st: DecodeState, slot: jax.Array):
+        st, tok, mask = choose_next(st, slot, sampling)
         x = module.apply({"params": {"text": text}}, tok[:, None], method=lambda m, t: m.text.embed(t))
         return st, x, rope_tables(module.cfg.text, st.positions[:, None]), mask, jnp.all(st.done)
 
@@ -83,19 +83,18 @@ def _begin_fn(module: InternVLModule, rule: SamplingConfig) -> Callable:
 
 @functools.lru_cache(maxsize=8)
 def _end_fn(module: InternVLModule) -> Callable:
-    def end(text: Params, st, x):
+    def end(text: Params, st: DecodeState, x: jax.Array) -> DecodeState:
         def head(m: InternVLModule, h: jax.Array) -> jax.Array:
             return m.text.logits(m.text.final_norm(h)).astype(jnp.float32)
 
-        logits = module.apply({"params": {"text": text}}, x, method=head)
-        return st._replace(cache=KVCache((), (), st.cache.index + 1), logits=logits[:, -1],
-                           positions=st.positions + 1, step=st.step + 1)
+        return advanced(st, module.apply({"params": {"text": text}}, x, method=head))
 
     return jax.jit(end, donate_argnums=(1,))
 
 
-def decoder(module: InternVLModule, params: Params, rule: SamplingConfig) -> Callable | None:
-    """A `decode(params, state, limit) -> state` that loops on the host, or None when views are not possible."""
+def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) -> Callable | None:
+    """A `decode(params, cache, state, limit) -> (cache, state)` that loops on the host, or None when views are
+    not possible."""
     cfg = module.cfg.text
     views = layer_views(params["text"]["layers"], cfg.num_layers)
     if views is None:
@@ -103,23 +102,21 @@ def decoder(module: InternVLModule, params: Params, rule: SamplingConfig) -> Cal
     size = group_size(cfg.num_layers)
     groups = [(np.int32(first), tuple(views[first:first + size])) for first in range(0, cfg.num_layers, size)]
     text = {k: v for k, v in params["text"].items() if k != "layers"}
-    run_group, begin, end = _group_fn(cfg, module.param_dtype, size), _begin_fn(module, rule), _end_fn(module)
+    run_group, begin, end = _group_fn(cfg, module.param_dtype, size), _begin_fn(module, sampling), _end_fn(module)
 
-    def decode(_params: Params, st, limit: int):
+    def decode(_params: Params, cache: KVCache, st: DecodeState, limit: int) -> tuple[KVCache, DecodeState]:
         step = int(np.asarray(st.step))
-        slot = int(np.asarray(st.cache.index))  # tracked on the host: `st` is donated at every call
-        k, v = st.cache.k, st.cache.v
-        st = st._replace(cache=KVCache((), (), st.cache.index))  # the cache travels beside the state
+        slot = int(np.asarray(cache.slot))  # tracked on the host: the arrays are donated at every call
+        k, v = cache.k, cache.v
         finished = jnp.all(st.done)
         # `finished` comes from the step's first program, so reading it does not wait for the layers: the host
         # queues the next step while this one runs.
         while step < limit and not bool(finished):
-            st, x, rope, mask, finished = begin(text, st)
-            index = np.int32(slot)
+            st, x, rope, mask, finished = begin(text, st, np.int32(slot))
             for first, group in groups:
-                x, k, v = run_group(group, first, x, k, v, rope, mask, index)
+                x, k, v = run_group(group, first, x, k, v, rope, mask, np.int32(slot))
             st = end(text, st, x)
             step, slot = step + 1, slot + 1
-        return st._replace(cache=KVCache(k, v, st.cache.index))
+        return KVCache(k, v, jnp.int32(slot)), st
 
     return decode

@@ -27,6 +27,13 @@ class SamplingConfig:
     pad_token_id: int | None = None
     seed: int = 0
 
+    @property
+    def pad_id(self) -> int:
+        """The id finished rows are padded with: pad_token_id, else the first EOS id, else 0 (transformers')."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id[0] if self.eos_token_id else 0
+
     def check(self) -> SamplingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -4,8 +4,8 @@ Dimension names in einsum strings: b batch, t query positions, s key slots, d wi
 k KV heads, g query heads per KV head, h head_dim, f MLP width, v vocabulary.
 
 The cache is a plain pytree passed in and returned (never a mutable collection): `KVCache` holds
-`k`/`v` of shape [layers, batch, slots, kv_heads, head_dim]. A call writes its T new keys at slot
-`index` and attends over all slots allowed by `mask` ([b, t, s] booleans built by the caller), so
+`k`/`v` of shape [layers, batch, slots, kv_heads, head_dim]. A call writes its T new keys from slot
+`slot` on and attends over all slots allowed by `mask` ([b, t, s] booleans built by the caller), so
 prefill, decode and a plain forward without cache all run the same layer code.
 """
 
@@ -22,14 +22,31 @@ from internvl_jax.model.layers import Dense, RMSNorm, activation, weight
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, b, s, k, h]
-    v: jax.Array
-    index: jax.Array  # int32 scalar: the slot the next token is written to
+    """Keys and values of every layer, and the slot the next token is written to.
+
+    The one declaration of the cache: its shape (`shape`) and logical axes (`AXES`) are read by the
+    shardings (`sharding.cache_shardings`), the memory planner and the engine's memory check.
+    """
+
+    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    v: jax.Array  # same
+    slot: jax.Array  # int32 scalar: the slot the next token's key and value are written to
+
+    AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")  # of k and v; `slot` is a replicated scalar
+
+    @staticmethod
+    def shape(cfg: TextConfig, batch: int, slots: int) -> tuple[int, ...]:
+        return (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+
+    @classmethod
+    def abstract(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
+        """The cache as ShapeDtypeStructs (nothing allocated)."""
+        kv = jax.ShapeDtypeStruct(cls.shape(cfg, batch, slots), jnp.dtype(dtype))
+        return cls(kv, kv, jax.ShapeDtypeStruct((), jnp.int32))
 
     @classmethod
     def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.abstract(cfg, batch, slots, dtype))
 
 
 def rope_frequencies(cfg: TextConfig, positions: jax.Array) -> jax.Array:
@@ -79,7 +96,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array | None, jax.Array | None], layer: jax.Array,
-                 rope: tuple[jax.Array, jax.Array], mask: jax.Array, index: jax.Array
+                 rope: tuple[jax.Array, jax.Array], mask: jax.Array, slot: jax.Array
                  ) -> tuple[tuple[jax.Array, jax.Array | None, jax.Array | None], None]:
         """`carry` = (hidden, all layers' keys, all layers' values): the whole cache rides in the scan carry
         and only this layer's new slots are written, in place (as scan outputs it would be re-stacked,
@@ -97,7 +114,7 @@ class DecoderLayer(nn.Module):
                       param_dtype=pd, name="v")(y)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if k_all is not None:
-                at = (layer, 0, index, 0, 0)
+                at = (layer, 0, slot, 0, 0)
                 k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
                 v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
@@ -145,11 +162,11 @@ class Decoder(nn.Module):
                  ) -> tuple[jax.Array, KVCache | None]:
         """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache."""
         rope = rope_tables(self.cfg, positions)
-        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        slot = cache.slot if cache is not None else jnp.zeros((), jnp.int32)
         carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
-        (x, k, v), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), rope, mask, index)
+        (x, k, v), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), rope, mask, slot)
         if cache is not None:
-            cache = KVCache(k, v, cache.index + x.shape[1])
+            cache = KVCache(k, v, cache.slot + x.shape[1])
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

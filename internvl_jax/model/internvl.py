@@ -14,28 +14,29 @@ from internvl_jax.model.vision import VisionTower
 
 
 def merge_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_token_id: int,
-                         index: jax.Array | None = None) -> jax.Array:
+                         feature_rows: jax.Array | None = None) -> jax.Array:
     """Put image features at the positions holding `image_token_id`. Static shapes throughout.
 
     embeds [b, t, d]; features [tiles, tokens, d]. By default the n-th image token of the batch (row-major, as
-    transformers' masked_scatter) takes feature row n. `index` [b, t] names each token's feature row
+    transformers' masked_scatter) takes feature row n. `feature_rows` [b, t] names each token's feature row
     explicitly instead: the engine uses it when processes contribute their own blocks of tiles. The caller
     checks on the host that token and tile counts agree.
     """
     b, t, d = embeds.shape
     flat = features.reshape(-1, d).astype(embeds.dtype)
     is_image = ids == image_token_id
-    if index is None:
-        index = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(b, t)
-    picked = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1).reshape(-1), axis=0).reshape(b, t, d)
+    if feature_rows is None:
+        feature_rows = (jnp.cumsum(is_image.reshape(-1)) - 1).reshape(b, t)
+    rows = jnp.clip(feature_rows, 0, flat.shape[0] - 1).reshape(-1)
+    picked = jnp.take(flat, rows, axis=0).reshape(b, t, d)
     return jnp.where(is_image[..., None], picked, embeds)
 
 
-def feature_index(ids: np.ndarray, image_token_id: int, offset: int = 0) -> np.ndarray:
+def feature_rows(ids: np.ndarray, image_token_id: int, offset: int = 0) -> np.ndarray:
     """Host-side feature row of every image token ([b, t] int32; other positions hold 0)."""
     is_image = ids == image_token_id
-    index = np.cumsum(is_image.reshape(-1)).reshape(ids.shape) - 1 + offset
-    return np.where(is_image, index, 0).astype(np.int32)
+    rows = np.cumsum(is_image.reshape(-1)).reshape(ids.shape) - 1 + offset
+    return np.where(is_image, rows, 0).astype(np.int32)
 
 
 class InternVLModule(nn.Module):
@@ -57,12 +58,14 @@ class InternVLModule(nn.Module):
             return self.projector(tokens_from_patches(hidden, self.cfg))
 
     def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: jax.Array,
-                 cache: KVCache | None = None, logits_to_keep: int = 0, index: jax.Array | None = None
+                 cache: KVCache | None = None, logits_to_keep: int = 0, feature_rows: jax.Array | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
-        """Logits [b, t or logits_to_keep, vocab] (float32) and the updated cache."""
+        """Logits [b, t or logits_to_keep, vocab] (float32) and the updated cache; `logits_to_keep` = 0 keeps
+        every position; `feature_rows`: see `merge_image_features`."""
         x = self.text.embed(ids)
         if pixels is not None:
-            x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id, index)
+            x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id,
+                                     feature_rows)
         hidden, cache = self.text(x, positions, mask, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -25,15 +25,19 @@ def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[st
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+# transformers' ACT2FN names that configs may use. Plain "gelu" is the exact erf form; "gelu_pytorch_tanh" and
+# "gelu_new" the tanh one. The config parser refuses any other name.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """transformers' ACT2FN names. Plain "gelu" is the exact erf form; "gelu_pytorch_tanh" the tanh one."""
-    return {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-    }[name]
+    return ACTIVATIONS[name]
 
 
 class RMSNorm(nn.Module):

@@ -81,7 +81,7 @@ class VisionLayer(nn.Module):
     num_run: int  # layers whose output counts (vision_feature_layer); later ones leave x unchanged
 
     @nn.compact
-    def __call__(self, x: jax.Array, index: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, layer: jax.Array) -> tuple[jax.Array, None]:
         x_in = x
         c, pd = self.cfg, self.param_dtype
         h, k, d = c.num_heads, c.head_dim, c.hidden_size
@@ -114,7 +114,7 @@ class VisionLayer(nn.Module):
         if self.num_run < c.num_layers:
             # Features from an earlier layer: a select keeps one scanned program; the skipped layers' compute
             # is wasted, which only happens off the default vision_feature_layer=-1.
-            x = jnp.where(index < self.num_run, x, x_in)
+            x = jnp.where(layer < self.num_run, x, x_in)
         return x, None
 
 

@@ -180,10 +180,10 @@ def windows(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
 def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: PartWriter, opts: RunOptions,
               generate: GenerateFn | None = None) -> Stats:
     """Answer `pending` (this process's records not yet done) and append their result lines to `writer`."""
-    sc = model.generation_config.update(**opts.generation)
-    eos = frozenset(sc.eos_token_id)
-    pad = sc.pad_token_id if sc.pad_token_id is not None else (sc.eos_token_id[0] if sc.eos_token_id else 0)
-    room = max_length(model.config) - sc.max_new_tokens
+    sampling = model.generation_config.update(**opts.generation)
+    eos = frozenset(sampling.eos_token_id)
+    pad = sampling.pad_id
+    room = max_length(model.config) - sampling.max_new_tokens
     if generate is None:
         def generate(ids, pixels, mask):
             return model.generate(ids, pixels, mask, **opts.generation)

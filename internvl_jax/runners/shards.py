@@ -203,11 +203,9 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> S
     """Join a `jax.distributed` job; this process's share comes from JAX's process index and count."""
     import jax
 
-    # CPU processes need a collectives implementation for the final barrier (FACTS.md); the setting only
-    # concerns CPU devices and must come before JAX starts its backends.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    from internvl_jax import distributed
+
+    distributed.initialize(coordinator, num_processes, process_id)
     return Share(jax.process_index(), jax.process_count())
 
 

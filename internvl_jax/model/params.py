@@ -1,0 +1,60 @@
+"""The parameter tree of a config, without a checkpoint: abstract shapes (nothing allocated) or random values.
+
+Everything that needs shapes, dtypes or logical axes of the parameters (the loader's checks, the shardings,
+the memory planner, the converter, export, benchmarks) reads them from here, i.e. from the modules' own
+declarations, never from a model object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.model.internvl import InternVLModule
+
+Params = dict[str, Any]
+DTypeLike = str | jnp.dtype | type
+PARAM_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def as_dtype(dtype: DTypeLike) -> jnp.dtype:
+    """A parameter dtype, checked: float32, bfloat16 or float16."""
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"dtype {dtype!r} is not a dtype name (float32, bfloat16, float16)") from e
+    if d not in PARAM_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: parameters must be float32, bfloat16 or float16")
+    return d
+
+
+def module_for(config: InternVLConfig, dtype: DTypeLike = "float32") -> InternVLModule:
+    """The linen module computing (and holding parameters) in `dtype`."""
+    d = as_dtype(dtype)
+    return InternVLModule(config, d, d)
+
+
+def _init(module: InternVLModule, key: jax.Array) -> Params:
+    """Every parameter, boxed with its logical axes (smallest inputs that touch them all)."""
+    v = module.cfg.vision
+    ids = jnp.zeros((1, 4), jnp.int32)
+    pixels = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), module.param_dtype)
+    positions = jnp.zeros((1, 4), jnp.int32)
+    mask = jnp.ones((1, 4, 4), bool)
+    return module.init(key, ids, pixels, positions, mask, method=InternVLModule.init_all)["params"]
+
+
+def abstract_params(config: InternVLConfig, dtype: DTypeLike = "float32", boxed: bool = False) -> Params:
+    """Parameter tree of ShapeDtypeStructs (no allocation). `boxed` keeps the logical-axis metadata."""
+    tree = jax.eval_shape(lambda: _init(module_for(config, dtype), jax.random.PRNGKey(0)))
+    return tree if boxed else nn.unbox(tree)
+
+
+def random_params(config: InternVLConfig, dtype: DTypeLike = "float32", seed: int = 0) -> Params:
+    """Random weights of the configured shape (tests, benchmarks, family presets, the demo checkpoint)."""
+    module = module_for(config, dtype)
+    return jax.jit(lambda key: nn.unbox(_init(module, key)))(jax.random.PRNGKey(seed))
