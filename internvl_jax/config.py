@@ -250,6 +250,8 @@ _V, _T, _C = VisionConfig(), TextConfig(), InternVLConfig()
 
 
 def _from_hf(raw: dict[str, Any]) -> InternVLConfig:
+    if raw.get("model_type", "internvl") != "internvl":
+        raise ConfigError(f"config.json: model_type={raw['model_type']!r} is not an InternVL model ('internvl')")
     v, t = raw.get("vision_config") or {}, raw.get("text_config") or {}
     arch = t.get("model_type", "qwen2")
     if arch not in ("qwen2", "llama"):
@@ -346,6 +348,9 @@ def token_id_in_files(directory: Path, token: str) -> int | None:
 
 
 def _from_original(raw: dict[str, Any], tokenizer_image_id: int | None = None) -> InternVLConfig:
+    if raw.get("model_type", "internvl_chat") != "internvl_chat":
+        raise ConfigError(f"config.json: model_type={raw['model_type']!r} is not an original InternVL model "
+                          "('internvl_chat')")
     v, t = raw.get("vision_config") or {}, raw.get("llm_config") or {}
     archs = t.get("architectures") or ["Qwen2ForCausalLM"]
     if archs[0] not in _ORIGINAL_LLMS:

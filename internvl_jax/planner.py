@@ -95,6 +95,9 @@ def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int
 def plan(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int = 0,
          dtype: str = "bfloat16", device_memory: int | None = None) -> Plan:
     """Per-device memory of serving `batch` sequences of `seq` tokens (prompt + new) with `tiles` tiles."""
+    for name, value, least in (("batch", batch, 1), ("seq", seq, 1), ("tiles", tiles, 0)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     return Plan(weight_bytes(config, mesh, dtype), cache_bytes(config, mesh, batch, seq, dtype),
                 activation_bytes(config, mesh, batch, seq, tiles, dtype), device_memory)
 

@@ -58,9 +58,16 @@ PRESETS: dict[str, InternVLConfig] = {
 ALIASES = {name.removeprefix("InternVL3-"): name for name in PRESETS if name.startswith("InternVL3-")}
 
 
+class UnknownPreset(KeyError, ValueError):
+    """A preset name that is not in PRESETS (KeyError for lookups, ValueError for the CLI's one-line errors)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def preset(name: str) -> InternVLConfig:
     """A preset by full name ("InternVL3-8B", "InternVL2.5-26B") or InternVL3 size ("8B")."""
     full = ALIASES.get(name, name)
     if full not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (or a size such as 8B)")
+        raise UnknownPreset(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (or a size such as 8B)")
     return PRESETS[full]

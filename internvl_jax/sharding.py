@@ -87,7 +87,8 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.De
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | Mapping[str, int]) -> PartitionSpec:
     """PartitionSpec of an array with these logical axes: a dim the mesh axis does not divide is replicated.
     `mesh` may be a Mesh or just its axis sizes (the memory planner has no devices)."""
-    sizes = mesh.shape if isinstance(mesh, Mesh) else {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    # A mesh without one of our axes (a user's Mesh(devices, ("data", "tensor"))) has it at size 1.
+    sizes = {a: int((mesh.shape if isinstance(mesh, Mesh) else mesh).get(a, 1)) for a in MESH_AXES}
     out: list[str | None] = []
     used: set[str] = set()
     for size, name in zip(shape, axes, strict=True):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax import weights
@@ -170,6 +171,9 @@ class Source:
         stored = self.reader.shape(key) if key in self.reader else None
         rows = weights.padded_rows(weights.mapping(path), stored[0], shape) if stored else None
         tensor = self.tensor(path, layer, rows)
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
+            raise CheckpointError(f"{self.directory}: tensor {key!r} is {tensor.dtype}, but parameter {path!r} "
+                                  "holds floating-point weights")
         if on_read is not None:
             on_read(math.prod(stored or tensor.shape) * tensor.dtype.itemsize)  # the bytes read, not the padding
         if dtype.itemsize < tensor.dtype.itemsize:
@@ -179,7 +183,11 @@ class Source:
         except ValueError as e:
             raise CheckpointError(f"{self.directory}: tensor {key!r} has shape {tuple(tensor.shape)}, which does "
                                   f"not fit the config's {tuple(shape)} for parameter {path!r} ({e})") from e
-        return out.astype(dtype, copy=False)
+        out = out.astype(dtype, copy=False)
+        if not np.isfinite(out).all():  # one pass over the weights; a NaN would otherwise surface as token 0
+            raise CheckpointError(f"{self.directory}: tensor {key!r} holds {np.size(out) - np.isfinite(out).sum()} "
+                                  f"non-finite value(s) (NaN or inf) in {np.dtype(dtype).name}")
+        return out
 
     def host_block(self, path: str, shape: tuple[int, ...], dtype: np.dtype, index: Index,
                    on_read: Callable[[int], None] | None = None) -> np.ndarray:

@@ -166,7 +166,7 @@ def plan_layout(b: int, t: int, n_tiles: int, max_new: int, mesh: Mesh | None) -
         b, t, n_tiles = (int(x) for x in stats.max(axis=0))
     rows, tiles = bucket(b), bucket(n_tiles) if n_tiles else 0
     if mesh is not None:
-        data = mesh.shape["data"]
+        data = mesh.shape.get("data", 1)
         if processes > 1 and data % processes:
             raise ValueError(f"a {processes}-process generate needs the mesh's data axis ({data}) to be a multiple "
                              "of the process count: each process feeds its own rows")
@@ -283,7 +283,7 @@ def stream(module: InternVLModule, params: Params, inputs: ModelInputs, sampling
                       0 if inputs.pixels is None else inputs.pixels.shape[0], sampling.max_new_tokens, mesh)
     prep = prepare(cfg, inputs, lay, sampling.pad_id, sampling.max_new_tokens)
     total = lay.rows * lay.processes
-    check_cache_fits(cfg, total // (mesh.shape["data"] if mesh is not None else 1), lay.slots, dtype)
+    check_cache_fits(cfg, total // (mesh.shape.get("data", 1) if mesh is not None else 1), lay.slots, dtype)
 
     def put(x: np.ndarray) -> jax.Array:
         return to_global(x, mesh, lay.processes)
