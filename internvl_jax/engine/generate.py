@@ -142,7 +142,7 @@ def decode_loop(module: InternVLModule, params: Params, sampling: SamplingConfig
 
 
 # ----- host driver -----
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Layout:
     """Bucketed shapes of one generate call; every process of a multi-host run uses the same."""
 
@@ -174,10 +174,11 @@ def plan_layout(b: int, t: int, n_tiles: int, max_new: int, mesh: Mesh | None) -
         rows = -(-rows // need) * need
         tiles = -(-tiles // need) * need if tiles else 0
     length = bucket(t, MIN_PROMPT_BUCKET)
-    return Layout(rows, length, tiles, bucket(length + max_new, 64), processes, real_rows)
+    return Layout(rows=rows, length=length, tiles=tiles, slots=bucket(length + max_new, 64), processes=processes,
+                  real_rows=real_rows)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Prepared:
     """This process's block of every per-row input (bucketed, left padded)."""
 
@@ -207,13 +208,13 @@ def prepare(cfg: InternVLConfig, inputs: ModelInputs, lay: Layout, pad: int, max
     positions[:b, tb - t:] = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
     # This process's tiles sit at block `process_index` of the global tile array.
     offset = jax.process_index() * lay.tiles * cfg.image_seq_length if lay.processes > 1 else 0
-    rows = feature_rows(full_ids, cfg.image_token_id, offset)
+    image_rows = feature_rows(full_ids, cfg.image_token_id, offset)
     if lay.tiles:
         padded = np.zeros((lay.tiles, *cfg_pixel_shape(cfg, pixels)), np.float32 if pixels is None else pixels.dtype)
         if pixels is not None:
             padded[: pixels.shape[0]] = pixels
         pixels = padded
-    return Prepared(full_ids, kv_mask, positions, rows, pixels)
+    return Prepared(ids=full_ids, kv_mask=kv_mask, positions=positions, feature_rows=image_rows, pixels=pixels)
 
 
 def cfg_pixel_shape(cfg: InternVLConfig, pixels: np.ndarray | None) -> tuple[int, ...]:
