@@ -184,9 +184,10 @@ class Source:
             raise CheckpointError(f"{self.directory}: tensor {key!r} has shape {tuple(tensor.shape)}, which does "
                                   f"not fit the config's {tuple(shape)} for parameter {path!r} ({e})") from e
         out = out.astype(dtype, copy=False)
-        if not np.isfinite(out).all():  # one pass over the weights; a NaN would otherwise surface as token 0
-            raise CheckpointError(f"{self.directory}: tensor {key!r} holds {np.size(out) - np.isfinite(out).sum()} "
-                                  f"non-finite value(s) (NaN or inf) in {np.dtype(dtype).name}")
+        bad = _non_finite(out)  # a NaN weight would otherwise surface as a stream of token 0
+        if bad:
+            raise CheckpointError(f"{self.directory}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) "
+                                  f"in {np.dtype(dtype).name}")
         return out
 
     def host_block(self, path: str, shape: tuple[int, ...], dtype: np.dtype, index: Index,
@@ -244,6 +245,15 @@ class Source:
         log.warning("%s: config ties lm_head to the embeddings but the checkpoint has its own lm_head: using it",
                     self.directory)
         return config.replace(tie_word_embeddings=False)
+
+
+def _non_finite(array: np.ndarray, chunk: int = 1 << 22) -> int:
+    """How many values are NaN or inf, checked a few MB at a time (a mask of the whole embedding would add
+    a quarter of its size to the loader's peak memory)."""
+    flat = array.reshape(-1)
+    if all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk)):  # the common case, cheaply
+        return 0
+    return sum(int(flat[i:i + chunk].size - np.isfinite(flat[i:i + chunk]).sum()) for i in range(0, flat.size, chunk))
 
 
 def _layer_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
