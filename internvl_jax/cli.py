@@ -1,4 +1,4 @@
-"""`internvl-jax`: generate | demo | convert | export | batch | eval | bench | plan."""
+"""`internvl-jax`: generate | demo | convert | export | batch | eval | bench | plan | parity."""
 
 from __future__ import annotations
 
@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_runner_commands(sub)
     sub.add_parser("bench", help="speed of a family-shape model, optionally beside torch (bench --help)",
                    add_help=False)
+    sub.add_parser("parity", help="logits and every stage against transformers (torch), with the first that "
+                   "diverges (parity --help)", add_help=False)
     p = sub.add_parser("plan", help="per-device memory of a preset on a mesh (no allocation)")
     p.add_argument("--preset", default="InternVL3-1B")
     p.add_argument("--mesh", default="", help="e.g. data=2,tensor=4 (default: one device)")
@@ -176,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from internvl_jax.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "parity":
+        from internvl_jax.parity import main as parity_main
+
+        return parity_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan, **RUNNER_COMMANDS}[args.command](args)

@@ -22,6 +22,7 @@ from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.hub import resolve
 from internvl_jax.inputs import check_inputs, check_pixels
 from internvl_jax.model.internvl import InternVLModule
+from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.params import DTypeLike, Params, abstract_params, as_dtype, module_for, random_params
 from internvl_jax.sharding import param_shardings
 from internvl_jax.source import Source, load_params
@@ -80,14 +81,24 @@ class InternVL:
 
     # ----- forward passes -----
     def __call__(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-                 logits_to_keep: int = 0, position_ids: Any = None) -> jax.Array:
+                 logits_to_keep: int = 0, position_ids: Any = None, return_hidden_states: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits [b, t, vocab] (float32), for the same inputs transformers' forward takes.
 
         Without `position_ids` every row counts positions from its first slot (padding included), exactly
         as transformers' forward does; generation uses per-row positions instead (see the engine).
+        `return_hidden_states=True` returns `(logits, states)`, every stage's output by name, in data-path order:
+        `vision.embeddings`, `vision.layers.{i}` ([tiles, 1 + patches, vision width]; layers past
+        `vision_feature_layer` are not run and repeat its state), `projector` ([tiles, tokens, width]),
+        `text.embeddings` (after the image features are merged in), `text.layers.{i}`, `text.final_norm`
+        ([b, t, width]). transformers' `output_hidden_states` holds the same tensors (its last text entry is
+        after the final norm).
         """
         x = check_inputs(self.config, input_ids, pixel_values, attention_mask, self.dtype)
         positions = _positions(x.ids, position_ids)
+        if return_hidden_states:
+            logits, states = _hidden_fn(self.module)(self.params, x.ids, x.pixels, positions, x.mask)
+            return logits, {name: states[name] for name in stage_names(self.config, x.pixels is not None)}
         return _logits_fn(self.module, int(logits_to_keep))(self.params, x.ids, x.pixels, positions, x.mask)
 
     def get_image_features(self, pixel_values: Any) -> jax.Array:
@@ -148,6 +159,37 @@ def _logits_fn(module: InternVLModule, logits_to_keep: int) -> Callable:
         return module.apply({"params": params}, ids, pixels, positions, causal_mask(mask),
                             logits_to_keep=logits_to_keep)[0]
     return run
+
+
+@functools.lru_cache(maxsize=16)
+def _hidden_fn(module: InternVLModule) -> Callable:
+    @jax.jit
+    def run(params, ids, pixels, positions, mask):
+        (logits, _), sown = module.apply({"params": params}, ids, pixels, positions, causal_mask(mask),
+                                         mutable=[HIDDEN])
+        return logits, stage_outputs(sown[HIDDEN])
+    return run
+
+
+def stage_names(config: InternVLConfig, with_images: bool) -> list[str]:
+    """The stages `__call__(..., return_hidden_states=True)` returns, in data-path order."""
+    vision = ["vision.embeddings", *(f"vision.layers.{i}" for i in range(config.vision.num_layers)), "projector"]
+    text = ["text.embeddings", *(f"text.layers.{i}" for i in range(config.text.num_layers)), "text.final_norm"]
+    return (vision if with_images else []) + text
+
+
+def stage_outputs(sown: dict) -> dict[str, jax.Array]:
+    """The modules' sown states (`model.layers.HIDDEN`) as {stage name: array}, in data-path order."""
+    out: dict[str, jax.Array] = {}
+    vision, text = sown.get("vision", {}), sown["text"]
+    if vision:
+        out["vision.embeddings"] = vision["embedded"][0]
+        out |= {f"vision.layers.{i}": h for i, h in enumerate(vision["layers"]["hidden"][0])}
+        out["projector"] = sown["projected"][0]
+    out["text.embeddings"] = text["input"][0]
+    out |= {f"text.layers.{i}": h for i, h in enumerate(text["layers"]["hidden"][0])}
+    out["text.final_norm"] = text["normed"][0]
+    return out
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from internvl_jax.config import TextConfig
-from internvl_jax.model.layers import Dense, RMSNorm, activation, weight
+from internvl_jax.model.layers import HIDDEN, Dense, RMSNorm, activation, weight
 
 
 class KVCache(NamedTuple):
@@ -129,6 +129,7 @@ class DecoderLayer(nn.Module):
             up = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="up")(y)
             x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
                 activation(c.hidden_act)(gate) * up)
+        self.sow(HIDDEN, "hidden", x)
         return (x, k_all, v_all), None
 
 
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
                                 dtype=self.param_dtype)
         self.layers = nn.scan(
             DecoderLayer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, HIDDEN: 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # layer index; rope, mask, slot shared
             length=c.num_layers,
@@ -161,13 +162,16 @@ class Decoder(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
         """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache."""
+        self.sow(HIDDEN, "input", x)
         rope = rope_tables(self.cfg, positions)
         slot = cache.slot if cache is not None else jnp.zeros((), jnp.int32)
         carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
         (x, k, v), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), rope, mask, slot)
         if cache is not None:
             cache = KVCache(k, v, cache.slot + x.shape[1])
-        return self.final_norm(x), cache
+        x = self.final_norm(x)
+        self.sow(HIDDEN, "normed", x)
+        return x, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         head = self.embedding.T if self.tie_embeddings else self.lm_head

@@ -9,6 +9,7 @@ import numpy as np
 
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.decoder import Decoder, KVCache
+from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.projector import Projector, tokens_from_patches
 from internvl_jax.model.vision import VisionTower
 
@@ -55,7 +56,9 @@ class InternVLModule(nn.Module):
         with jax.named_scope("vision"):
             hidden = self.vision(pixels)
         with jax.named_scope("projector"):
-            return self.projector(tokens_from_patches(hidden, self.cfg))
+            features = self.projector(tokens_from_patches(hidden, self.cfg))
+        self.sow(HIDDEN, "projected", features)
+        return features
 
     def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: jax.Array,
                  cache: KVCache | None = None, logits_to_keep: int = 0, feature_rows: jax.Array | None = None

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
+# The variable collection the modules `sow` their stage outputs into (vision embeddings and layers, projector,
+# decoder input, layers and final norm). Nothing is kept unless `apply(..., mutable=[HIDDEN])` asks for it.
+HIDDEN = "intermediates"
+
 
 def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
            init: Initializer | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
