@@ -214,7 +214,8 @@ def build_inputs(model_dir: Path, messages: list[dict]) -> tuple[dict[str, np.nd
             [messages], add_generation_prompt=True, tokenize=True, return_dict=True, padding=True,
             return_tensors="pt")
     except Exception as e:  # transformers' processor needs torchvision, which may be missing or broken
-        check["transformers_processor"] = f"not compared: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        reason = (str(e).splitlines() or ["(no message)"])[0][:160]
+        check["transformers_processor"] = f"not compared: it did not load here ({type(e).__name__}: {reason})"
         return dict(ours), check
     check["ids_equal"] = bool(np.array_equal(ours["input_ids"], theirs["input_ids"].numpy()))
     if "pixel_values" in theirs and ours.get("pixel_values") is not None:

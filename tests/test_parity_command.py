@@ -141,3 +141,32 @@ def test_bfloat16_is_judged_by_a_bfloat16_tolerance(ckpt, tmp_path):
     assert 0 < report["logits"]["kl_mean"] < 1e-2
     rc, _ = run_parity(ckpt, tmp_path, "--dtype", "bfloat16", "--new-tokens", "0", "--rtol", "1e-4", "--atol", "1e-4")
     assert rc == 1
+
+
+def test_inputs_are_compared_with_transformers_processor_when_it_loads(ckpt, tmp_path, monkeypatch, capsys):
+    """Where transformers' processor loads (here its video processor needs a torchvision that does not import,
+    so a stand-in returns what it would), ids that differ fail the check even when every stage agrees."""
+    import transformers
+
+    from internvl_jax.processing.processor import InternVLProcessor
+
+    ours = InternVLProcessor.from_pretrained(ckpt / "hf")
+
+    class StandIn:
+        shift = 0
+
+        def apply_chat_template(self, *args, **kwargs):
+            out = ours.apply_chat_template(*args, **{**kwargs, "return_tensors": "np"})
+            return {"input_ids": torch.tensor(out["input_ids"] + self.shift),
+                    "pixel_values": torch.tensor(out["pixel_values"] + 1e-3)}
+
+    stand_in = StandIn()
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: stand_in)
+    rc, report = run_parity(ckpt, tmp_path, "--new-tokens", "0")
+    assert rc == 0 and report["inputs"]["ids_equal"] is True
+    assert abs(report["inputs"]["pixels_max_abs"] - 1e-3) < 1e-5
+    stand_in.shift = 1
+    rc, report = run_parity(ckpt, tmp_path, "--new-tokens", "0")
+    assert rc == 1 and report["inputs"]["ids_equal"] is False
+    assert all(s["passed"] for s in report["stages"])
+    assert "ids_equal = False" in capsys.readouterr().out
