@@ -21,8 +21,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh such as data=2,tensor=4 (default: one device)")
     p.add_argument("--coordinator", help="host:port of process 0: join a jax.distributed job (multi-host)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes the job has")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 .. N-1")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
 

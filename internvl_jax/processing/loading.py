@@ -149,7 +149,7 @@ def open_image(source: str | os.PathLike, name: str, timeout: float = DEFAULT_TI
         raise InputError(f"{name}: cannot read {describe(source)} as an image: {exc}") from exc
 
 
-STRIP_PIXELS = 1 << 22
+STRIP_PIXELS = 1 << 20
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
