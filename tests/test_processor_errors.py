@@ -215,11 +215,11 @@ def _write(name: str, text: str) -> Callable[[pathlib.Path], None]:
         ),
         (
             _edit_json("preprocessor_config.json", max_patches=0),
-            r"preprocessor_config\.json: min_patches and max_patches must satisfy .* max_patches=0",
+            r"preprocessor_config\.json: max_patches must be >= 1 and >= min_patches, got .* max_patches=0",
         ),
         (
-            _edit_json("preprocessor_config.json", min_patches=0),
-            r"preprocessor_config\.json: .*min_patches=0",
+            _edit_json("preprocessor_config.json", min_patches=13),
+            r"preprocessor_config\.json: .*min_patches=13, max_patches=12",
         ),
         (
             _edit_json("preprocessor_config.json", size={"height": 0, "width": 448}),

@@ -110,10 +110,11 @@ class ImageConfig:
 
     def __post_init__(self) -> None:
         _check_pixel_fields(self)
-        if self.min_patches < 1 or self.max_patches < self.min_patches:
+        # min_patches <= 1 all mean the same (every grid has a tile); no grid fits max_patches < 1.
+        if self.max_patches < max(1, self.min_patches):
             raise ValueError(
-                f"min_patches and max_patches must satisfy 1 <= min_patches <= max_patches, got "
-                f"min_patches={self.min_patches}, max_patches={self.max_patches}"
+                f"max_patches must be >= 1 and >= min_patches, got min_patches={self.min_patches}, "
+                f"max_patches={self.max_patches}"
             )
 
     @classmethod
