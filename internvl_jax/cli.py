@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from internvl_jax.cli_options import add_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -21,8 +21,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh such as data=2,tensor=4 (default: one device)")
     p.add_argument("--coordinator", help="host:port of process 0: join a jax.distributed job (multi-host)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    p.add_argument("--num-processes", type=int, help="with --coordinator: how many processes the job has")
+    p.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0 .. N-1")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, timings")
 
@@ -42,8 +42,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from internvl_jax.engine.streaming import TextStreamer
     from internvl_jax.hub import resolve
     from internvl_jax.modeling import InternVL
+    from internvl_jax.processing.loading import check_text
     from internvl_jax.processing.processor import InternVLProcessor
 
+    # Bad options and text fail here, in one line, before minutes of loading.
+    check_text(args.prompt, "the prompt")
+    if args.system is not None:
+        check_text(args.system, "--system")
+    check_generation_arguments(args)
     if args.coordinator:  # every process runs this same command with its own --process-id
         from internvl_jax import distributed
 
@@ -58,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
     processor = InternVLProcessor.from_pretrained(directory)
     t1 = time.perf_counter()
-    template_kwargs = {"num_frames": args.num_frames} if args.num_frames else {}
+    template_kwargs = {"num_frames": args.num_frames} if args.num_frames is not None else {}
     inputs = processor.apply_chat_template([messages_for(args)], add_generation_prompt=True, tokenize=True,
                                            return_dict=True, padding=True, return_tensors="np", **template_kwargs)
     t2 = time.perf_counter()
@@ -162,12 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("parity", help="logits and every stage against transformers (torch), with the first that "
                    "diverges (parity --help)", add_help=False)
     p = sub.add_parser("plan", help="per-device memory of a preset on a mesh (no allocation)")
-    p.add_argument("--preset", default="InternVL3-1B")
+    p.add_argument("--preset", default="InternVL3-1B",
+                   help="model shape: a preset name or a size such as 8B (default InternVL3-1B)")
     p.add_argument("--mesh", default="", help="e.g. data=2,tensor=4 (default: one device)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
     p.add_argument("--seq", type=int, default=4096, help="prompt + new tokens per sequence")
     p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("convert", "export"):

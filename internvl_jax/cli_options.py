@@ -6,20 +6,42 @@ import argparse
 from typing import Any
 
 GENERATION_ARGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+# Options of `generate` / `batch` that must be whole numbers >= 1 when given.
+POSITIVE_ARGS = ("num_frames", "max_patches")
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling options (unset ones fall back to the checkpoint's generation_config.json) and --dtype."""
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--do-sample", action="store_true", default=None)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens to generate (default: generation_config.json, else 20)")
+    p.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample the next token instead of taking the most likely one (greedy)")
+    p.add_argument("--temperature", type=float, help="with --do-sample: divide the logits by this (> 0, finite)")
+    p.add_argument("--top-k", type=int, help="with --do-sample: keep only the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float,
+                   help="with --do-sample: keep the most likely tokens up to this total probability (0 < p <= 1)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="divide the logits of tokens already seen by this (> 0; 1: off)")
+    p.add_argument("--seed", type=int, help="random seed for --do-sample (default 0)")
     p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options that were given, as `generate` keyword arguments."""
     return {k: getattr(args, k) for k in GENERATION_ARGS if getattr(args, k, None) is not None}
+
+
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad generation options before any model loads, naming the option. `SamplingConfig.check` decides
+    what is valid; its messages start with the field name."""
+    from internvl_jax.engine.sampling import SamplingConfig
+
+    for key in POSITIVE_ARGS:
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        SamplingConfig().update(**generation_kwargs(args))
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None

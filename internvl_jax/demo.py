@@ -4,6 +4,9 @@ It has the real InternVL3 layout (448px tiles, 256 tokens per tile, the -hf chat
 configs, ids read from its own files) but tiny widths and a byte-level tokenizer (256 byte tokens, no
 merges) with InternVL's special tokens after them. Its weights are random: it answers gibberish. It
 exists to run the whole path (processor -> vision -> decoder -> generation -> text) without a download.
+Only one thing is not random: the output layer can produce nothing but lowercase letters and spaces, so the
+gibberish prints as visible "words" rather than as U+FFFD (a lone byte token of a multi-byte character is
+not valid UTF-8 and decodes to U+FFFD, in transformers too) or as special tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
@@ -54,6 +60,21 @@ def demo_config(image_token_id: int, vocab_size: int) -> InternVLConfig:
     )
 
 
+# Byte tokens the demo model may output (token id = byte value in this tokenizer).
+VISIBLE_BYTES = b" abcdefghijklmnopqrstuvwxyz"
+
+
+def visible_only_head(lm_head: jax.Array) -> jax.Array:
+    """Zero the lm_head columns ([hidden, vocab]) of every token outside `VISIBLE_BYTES` and scale the others
+    up: the other logits are 0 and the visible ones have a standard deviation of about 4 (random ones about
+    0.2), so greedy decoding picks a visible byte (the largest of 27 random logits is negative with odds
+    2**-27), and so does sampling at temperature 1, mostly. The end token is never chosen: answers
+    run to max_new_tokens."""
+    keep = np.zeros(lm_head.shape[1], dtype=bool)
+    keep[list(VISIBLE_BYTES)] = True
+    return jnp.where(jnp.asarray(keep)[None, :], lm_head * 20, 0)
+
+
 def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
     from internvl_jax.export import export_model
     from internvl_jax.modeling import InternVL
@@ -63,6 +84,7 @@ def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) ->
     # Room for the <video> token the processor adds after the last added token.
     config = demo_config(ids["<IMG_CONTEXT>"], vocab_size=max(ids.values()) + 2)
     model = InternVL.from_config(config, seed=seed)
+    model.params["text"]["lm_head"] = visible_only_head(model.params["text"]["lm_head"])
     with tempfile.TemporaryDirectory() as side:
         files.write_processor_files(Path(side), tokenizer_json, added)
         generation = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],

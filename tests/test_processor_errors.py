@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import pathlib
+import shutil
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -171,3 +175,125 @@ def test_bad_arguments(processor: InternVLProcessor) -> None:
         processor.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, processor_kwargs={"foo": 1})
     with pytest.raises(ValueError, match="image_backend must be one of"):
         InternVLProcessor(processor.tokenizer, image_backend="opencv")
+
+
+# --- broken checkpoint files: one ValueError naming the file (and the field), never a traceback from deep inside
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    directory = tmp_path_factory.mktemp("good_ckpt")
+    F.write_processor_files(directory)
+    return directory
+
+
+def _edit_json(name: str, **changes) -> Callable[[pathlib.Path], None]:
+    def edit(directory: pathlib.Path) -> None:
+        data = json.loads((directory / name).read_text())
+        (directory / name).write_text(json.dumps({**data, **changes}))
+
+    return edit
+
+
+def _write(name: str, text: str) -> Callable[[pathlib.Path], None]:
+    return lambda directory: (directory / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (_write("tokenizer.json", '{"version": "1.0", "model": '), r"tokenizer\.json: cannot load it as a tokenizer"),
+        (_write("tokenizer_config.json", "{oops"), r"tokenizer_config\.json: cannot read it as JSON"),
+        (_write("tokenizer_config.json", "[1, 2]"), r"tokenizer_config\.json: expected a JSON object, got list"),
+        (
+            _write("chat_template.jinja", "{% for m in messages %}\n{{ m.content }"),
+            r"chat_template\.jinja: chat template syntax error on line 2: unexpected '}'",
+        ),
+        (
+            lambda d: (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}"),
+            r"chat_template\.jinja: cannot read the chat template",
+        ),
+        (
+            _edit_json("preprocessor_config.json", max_patches=0),
+            r"preprocessor_config\.json: max_patches must be >= 1 and >= min_patches, got .* max_patches=0",
+        ),
+        (
+            _edit_json("preprocessor_config.json", min_patches=13),
+            r"preprocessor_config\.json: .*min_patches=13, max_patches=12",
+        ),
+        (
+            _edit_json("preprocessor_config.json", size={"height": 0, "width": 448}),
+            r"preprocessor_config\.json: size must be a positive height and width, got \(0, 448\)",
+        ),
+        (
+            _edit_json("preprocessor_config.json", image_std=[0.2, 0.0, 0.2]),
+            r"preprocessor_config\.json: image_std must not contain 0",
+        ),
+        (
+            _edit_json("preprocessor_config.json", max_patches="many"),
+            r"preprocessor_config\.json: invalid literal for int\(\) with base 10: 'many'",
+        ),
+        (
+            _edit_json("video_preprocessor_config.json", num_frames=0),
+            r"video_preprocessor_config\.json: num_frames must be a whole number >= 1 or null, got 0",
+        ),
+        (
+            _edit_json("video_preprocessor_config.json", fps=float("inf")),
+            r"video_preprocessor_config\.json: fps must be a finite number > 0 or null, got inf",
+        ),
+        (
+            _edit_json("processor_config.json", image_seq_length=0),
+            r"processor_config\.json: image_seq_length must be a whole number >= 1, got 0",
+        ),
+    ],
+)
+def test_broken_checkpoint_files_name_the_file(processor_dir: pathlib.Path, tmp_path: pathlib.Path, edit, pattern):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(processor_dir, directory)
+    edit(directory)
+    with pytest.raises(ValueError, match=pattern) as info:
+        InternVLProcessor.from_pretrained(directory)
+    assert str(directory) in str(info.value)
+
+
+def test_call_time_patch_limits_are_checked(processor: InternVLProcessor) -> None:
+    # max_patches=0 used to tile as if it were 1, silently
+    with pytest.raises(ValueError, match=r"max_patches=0"):
+        processor(text="<IMG_CONTEXT>", images=[F.synthetic_rgb(20, 60, 0)], max_patches=0)
+
+
+def test_template_errors(processor: InternVLProcessor) -> None:
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}"
+    strict += "{% endif %}"
+    with pytest.raises(InputError, match=r"the chat template rejected the messages: first message must be from"):
+        processor.apply_chat_template([{"role": "assistant", "content": "hi"}], chat_template=strict)
+    with pytest.raises(ValueError, match=r"the chat template: chat template syntax error on line 1"):
+        processor.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="{% if %}")
+
+
+def test_text_that_is_not_utf8(processor: InternVLProcessor) -> None:
+    # "\udcff" is what Python makes of the byte 0xff in a command line; the tokenizer raised a TypeError
+    with pytest.raises(InputError, match=r"^text: not valid UTF-8 \(byte 0xff at character 3\)"):
+        processor(text="abc\udcffdef")
+    with pytest.raises(InputError, match=r"^text\[1\]: not valid UTF-8 \(lone surrogate U\+D800 at character 0\)"):
+        processor(text=["fine", "\ud800"], padding=True)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "x\udcc3"}]}]
+    with pytest.raises(InputError, match=r"^messages, message 0, content 1: not valid UTF-8 \(byte 0xc3"):
+        processor.apply_chat_template(messages, tokenize=True)
+    with pytest.raises(InputError, match=r"^messages, message 0: not valid UTF-8"):
+        processor.apply_chat_template([{"role": "system", "content": "\udcff"}])
+
+
+def test_image_errors_name_the_source_not_a_file_object(processor: InternVLProcessor, files: dict) -> None:
+    png = files["good.png"].read_bytes()
+    cut = base64.b64encode(png[:40]).decode()
+    cases = {
+        # a PNG labelled as JPEG (as VLMEvalKit TSVs do): the message must not repeat the label
+        f"data:image/jpeg;base64,{cut}": r"images\[0\]: cannot read the base64 data URI \(\d+ characters\)",
+        cut: r"images\[0\]: cannot read the base64 image data \(\d+ characters\) as an image: not a format Pillow",
+        str(files["notes.txt"]): r"images\[0\]: cannot read '.*notes\.txt' as an image: not a format Pillow knows",
+    }
+    for source, pattern in cases.items():
+        with pytest.raises(InputError, match=pattern) as info:
+            one_image([source], processor)
+        assert "BytesIO" not in str(info.value) and "jpeg" not in str(info.value)

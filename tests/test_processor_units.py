@@ -12,6 +12,7 @@ import http.server
 import json
 import pathlib
 import threading
+import tracemalloc
 import unicodedata
 
 import numpy as np
@@ -19,8 +20,10 @@ import pytest
 from PIL import Image
 
 from internvl_jax import InternVLProcessor
+from internvl_jax.processing import loading
 from internvl_jax.processing import resize as resize_mod
 from internvl_jax.processing.image import optimal_grid
+from internvl_jax.processing.loading import load_rgb
 from internvl_jax.processing.video import decode_video, sample_indices
 from tests import fixtures as F
 
@@ -360,3 +363,37 @@ def test_chat_tokenize_and_return_dict(processor: InternVLProcessor) -> None:
     assert decoded.startswith("<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT>") and decoded.endswith("assistant\n")
     assert processor.decode(full["input_ids"][0], skip_special_tokens=True) == "user\n\nHi\nassistant\n"
     assert processor.post_process_image_text_to_text(full["input_ids"]) == ["user\n\nHi\nassistant\n"]
+
+
+def _traced_peak(fn, *args):
+    """Peak bytes allocated through Python's allocators (numpy arrays and bytes included) while fn runs."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_resize_does_not_copy_the_source_to_int32() -> None:
+    # It used to widen the whole source to int32 first: 4 bytes per value (1.7 GB for a 12000x12000 image).
+    image = F.synthetic_rgb(2000, 3000, 0)
+    peak = _traced_peak(resize_mod.resize_bicubic_torch, image, 448, 448)
+    assert peak < 2 * image.nbytes, f"{peak / 2**20:.0f} MiB for a {image.nbytes / 2**20:.0f} MiB image"
+
+
+def test_large_image_file_is_read_without_full_size_byte_copies(tmp_path: pathlib.Path) -> None:
+    # np.asarray(pil_image) goes through tobytes(), which held two more full-size copies at its peak.
+    path = tmp_path / "large.png"
+    rgb = F.synthetic_rgb(3000, 3000, 0)
+    Image.fromarray(rgb).save(path, compress_level=1)
+    peak = _traced_peak(load_rgb, str(path), "torchvision", "images[0]")
+    assert peak < 1.5 * rgb.nbytes, f"{peak / 2**20:.0f} MiB for a {rgb.nbytes / 2**20:.0f} MiB image"
+    np.testing.assert_array_equal(load_rgb(str(path), "torchvision", "images[0]"), rgb)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (17, 2), (3, 40)])
+def test_rgb_array_strips_are_exact(monkeypatch: pytest.MonkeyPatch, size: tuple[int, int]) -> None:
+    monkeypatch.setattr(loading, "STRIP_PIXELS", 7)  # several strips, the last one short
+    image = Image.fromarray(F.synthetic_rgb(size[1], size[0], 3))
+    np.testing.assert_array_equal(loading.rgb_array(image), np.asarray(image))

@@ -6,13 +6,15 @@ draw from the softmax; greedy is argmax after the penalty.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from internvl_jax.processing.configs import settings_from_file
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class SamplingConfig:
         return self.eos_token_id[0] if self.eos_token_id else 0
 
     def check(self) -> SamplingConfig:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            # inf/nan pass the range checks below (or are ignored when greedy) and then poison every logit.
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and not self.temperature > 0:
@@ -59,23 +65,33 @@ class SamplingConfig:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> SamplingConfig:
-        """Defaults from generation_config.json when the checkpoint has one."""
-        file = Path(directory) / "generation_config.json"
-        if not file.is_file():
-            return cls()
-        raw = json.loads(file.read_text())
+        """Defaults from generation_config.json when the checkpoint has one; a bad value there is a ValueError
+        naming the file."""
+        return settings_from_file(Path(directory) / "generation_config.json", cls._from_dict)
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> SamplingConfig:
         base = cls()
+        pad = raw.get("pad_token_id")
         return replace(
             base,
             do_sample=bool(raw.get("do_sample", base.do_sample)),
-            temperature=float(raw.get("temperature", base.temperature) or 1.0),
-            top_k=int(raw.get("top_k", 0) or 0),
-            top_p=float(raw.get("top_p", 1.0) or 1.0),
-            repetition_penalty=float(raw.get("repetition_penalty", 1.0) or 1.0),
+            temperature=_number(raw, "temperature", float, base.temperature),
+            top_k=_number(raw, "top_k", int, 0),
+            top_p=_number(raw, "top_p", float, 1.0),
+            repetition_penalty=_number(raw, "repetition_penalty", float, 1.0),
             eos_token_id=_ids(raw.get("eos_token_id")),
-            pad_token_id=raw.get("pad_token_id"),
-            max_new_tokens=int(raw.get("max_new_tokens", base.max_new_tokens) or base.max_new_tokens),
-        )
+            pad_token_id=None if pad is None else _number(raw, "pad_token_id", int, 0),
+            max_new_tokens=_number(raw, "max_new_tokens", int, base.max_new_tokens),
+        ).check()
+
+
+def _number(raw: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """`raw[key]` as `kind`; absent, null or 0 mean `default` (transformers writes 0/null for "unset")."""
+    value = raw.get(key) or default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return kind(value)
 
 
 def _ids(value: Any) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import jinja2.ext
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .loading import InputError
+from .loading import InputError, check_text
 
 # Keys transformers reads a medium from, in its order.
 IMAGE_KEYS = ("image", "url", "path", "base64")
@@ -52,7 +52,7 @@ def _strftime_now(fmt: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def compile_template(source: str) -> jinja2.Template:
+def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
@@ -60,6 +60,16 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+def compile_template(source: str, origin: str = "the chat template") -> jinja2.Template:
+    """The compiled template; a syntax error is a ValueError naming `origin` (its file) and the line."""
+    if not isinstance(source, str):
+        raise ValueError(f"{origin}: the chat template must be a string, got {type(source).__name__}")
+    try:
+        return _compile(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"{origin}: chat template syntax error on line {exc.lineno}: {exc.message}") from exc
 
 
 def plain_data(value: Any) -> Any:
@@ -124,7 +134,9 @@ def normalize_conversations(conversation: Any) -> tuple[list[list[dict]], bool]:
                 message["content"] = [
                     _normalize_block(block, f"{label}, content {k}") for k, block in enumerate(content)
                 ]
-            elif content is not None and not isinstance(content, str):
+            elif isinstance(content, str):
+                check_text(content, label)
+            elif content is not None:
                 raise InputError(
                     f"{label}: 'content' must be a string or a list of content dicts, got {type(content).__name__}"
                 )
@@ -143,8 +155,10 @@ def _normalize_block(block: Any, label: str) -> dict:
         return {"type": "image", "url": info.get("url", "") if isinstance(info, Mapping) else info}
     if kind not in CONTENT_TYPES:
         raise InputError(f"{label}: unknown content type {kind!r}; expected one of {', '.join(CONTENT_TYPES)}")
-    if kind == "text" and not isinstance(block.get("text"), str):
-        raise InputError(f"{label}: a text item needs a string 'text'")
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            raise InputError(f"{label}: a text item needs a string 'text'")
+        check_text(block["text"], label)
     keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS if kind == "video" else ()
     if keys:
         present = [k for k in keys if k in block]
@@ -205,7 +219,10 @@ def render(
                     raise InputError("continue_final_message is set but the final message has no text")
                 final_text = texts[-1]["text"]
                 texts[-1]["text"] = final_text + CONTINUE_TAG
-        text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **extra)
+        try:
+            text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **extra)
+        except jinja2.TemplateError as exc:  # raise_exception(...) of the template, or an undefined name
+            raise InputError(f"the chat template rejected the messages: {exc}") from exc
         if final_text is not None:
             loc = text.rindex(CONTINUE_TAG.strip())
             text = text[:loc] if text[loc : loc + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:loc].rstrip()

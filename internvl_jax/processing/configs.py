@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_json(path: pathlib.Path) -> dict:
+    """A checkpoint's JSON settings file as a dict, {} when it is absent; a broken one is a ValueError that
+    names the file (json's own message names only a line and column)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8
+        raise ValueError(f"{path}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def settings_from_file(path: pathlib.Path, parse: Any, fallback: Mapping[str, Any] | None = None) -> Any:
+    """`parse(dict)` of a JSON settings file (or of `fallback` when the file is absent), with any bad value
+    reported against the file."""
+    data = read_json(path)
+    try:
+        return parse(data if data or fallback is None else fallback)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def _size(value: Any, default: tuple[int, int]) -> tuple[int, int]:
@@ -30,6 +57,24 @@ def _triple(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
     return tuple(float(v) for v in value)
+
+
+def _check_pixel_fields(config: Any) -> None:
+    """What both configs need to give pixels at all (a zero tile size or std would divide by zero)."""
+    if len(config.size) != 2 or min(config.size) < 1:
+        raise ValueError(f"size must be a positive height and width, got {config.size}")
+    if not math.isfinite(config.rescale_factor):
+        raise ValueError(f"rescale_factor must be finite, got {config.rescale_factor}")
+    for key in ("image_mean", "image_std"):
+        values = getattr(config, key)
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{key} must be 3 finite numbers (R, G, B), got {list(values)}")
+    if 0.0 in config.image_std:
+        raise ValueError(f"image_std must not contain 0, got {list(config.image_std)}")
+
+
+def _is_number(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def _pixel_fields(data: Mapping[str, Any], d: Any) -> dict[str, Any]:
@@ -63,6 +108,15 @@ class ImageConfig:
     image_std: tuple[float, ...] = IMAGENET_STD
     do_convert_rgb: bool = True
 
+    def __post_init__(self) -> None:
+        _check_pixel_fields(self)
+        # min_patches <= 1 all mean the same (every grid has a tile); no grid fits max_patches < 1.
+        if self.max_patches < max(1, self.min_patches):
+            raise ValueError(
+                f"max_patches must be >= 1 and >= min_patches, got min_patches={self.min_patches}, "
+                f"max_patches={self.max_patches}"
+            )
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImageConfig:
         d = cls()
@@ -93,6 +147,13 @@ class VideoConfig:
     num_frames: int | None = None
     fps: float | None = None
     initial_shift: bool | float = True
+
+    def __post_init__(self) -> None:
+        _check_pixel_fields(self)
+        if self.num_frames is not None and not (_is_number(self.num_frames, int) and self.num_frames >= 1):
+            raise ValueError(f"num_frames must be a whole number >= 1 or null, got {self.num_frames!r}")
+        if self.fps is not None and not (_is_number(self.fps, (int, float)) and 0 < self.fps < math.inf):
+            raise ValueError(f"fps must be a finite number > 0 or null, got {self.fps!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VideoConfig:

@@ -35,8 +35,24 @@ class InputError(ValueError):
     """A user input (image, video, text or message) that cannot be processed; the message names it."""
 
 
+def check_text(text: str, name: str) -> None:
+    """Refuse text that cannot be UTF-8 encoded for the tokenizer: lone surrogates, which is what Python makes
+    of invalid UTF-8 bytes in a command line (`surrogateescape`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise InputError(f"{name}: not valid UTF-8 ({what} at character {exc.start})") from None
+
+
 def describe(source: Any) -> str:
     """A short, printable description of a source for error messages."""
+    if isinstance(source, str) and source[:5].lower() == "data:":
+        # Not the declared media type: it is only a claim (a PNG labelled image/jpeg is common).
+        return f"the base64 data URI ({len(source)} characters)"
+    if isinstance(source, str) and _is_bare_base64(source):
+        return f"the base64 image data ({len(source)} characters)"
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         return repr(text if len(text) <= 80 else text[:60] + "..." + text[-12:])
@@ -87,6 +103,13 @@ def read_source_bytes(source: str | os.PathLike, name: str, timeout: float) -> t
     return None, str(path)
 
 
+def _is_bare_base64(text: str) -> bool:
+    """Whether `read_source_bytes` reads this string as base64 rather than as a path or URL."""
+    if text[:8].lower().startswith(("http://", "https://", "file://")) or os.path.exists(text):
+        return False
+    return _try_b64decode(text) is not None
+
+
 def _try_b64decode(text: str) -> bytes | None:
     compact = "".join(text.split())
     if len(compact) < 16:
@@ -101,7 +124,7 @@ def _b64decode(payload: str, name: str, source: Any) -> bytes:
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InputError(f"{name}: invalid base64 data in {describe(source)}: {exc}") from exc
+        raise InputError(f"{name}: invalid base64 in {describe(source)}: {exc}") from exc
 
 
 def open_image(source: str | os.PathLike, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> Image.Image:
@@ -111,15 +134,33 @@ def open_image(source: str | os.PathLike, name: str, timeout: float = DEFAULT_TI
     try:
         image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        # In place and without a same-mode convert: each copy of a large decoded image costs 4 bytes a pixel.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise InputError(
             f"{name}: {describe(source)} exceeds Pillow's decompression-bomb limit "
             f"(Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): {exc}"
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's own message shows the repr of the file object (`<_io.BytesIO object at 0x...>`).
+        raise InputError(f"{name}: cannot read {describe(source)} as an image: not a format Pillow knows") from exc
+    except Exception as exc:  # Pillow's decoders fail on corrupt data with many exception types
         raise InputError(f"{name}: cannot read {describe(source)} as an image: {exc}") from exc
+
+
+STRIP_PIXELS = 1 << 20
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """An RGB image as an (H, W, 3) uint8 array, copied in horizontal strips: `np.asarray` of the whole image
+    goes through `tobytes()`, which holds two more full-size copies at its peak."""
+    width, height = image.size
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        out[top : top + rows] = np.asarray(image.crop((0, top, width, min(top + rows, height))))
+    return out
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
@@ -177,7 +218,7 @@ def load_rgb(source: Any, backend: str, name: str, timeout: float = DEFAULT_TIME
     elif isinstance(source, np.ndarray):
         rgb = array_to_rgb(source, backend, name)
     elif isinstance(source, (str, os.PathLike)):
-        rgb = np.asarray(open_image(source, name, timeout))
+        rgb = rgb_array(open_image(source, name, timeout))
     else:
         raise InputError(f"{name}: unsupported image type {type(source).__name__}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

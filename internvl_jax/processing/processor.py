@@ -4,7 +4,6 @@ masks and pixels as transformers' `InternVLProcessor` (see docs/processor.md for
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -14,10 +13,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .chat import collect_media, normalize_conversations, render
-from .configs import ImageConfig, VideoConfig
+from .chat import collect_media, compile_template, normalize_conversations, render
+from .configs import ImageConfig, VideoConfig, read_json, settings_from_file
 from .image import num_tiles, process_image
-from .loading import DEFAULT_TIMEOUT_S, InputError, load_rgb
+from .loading import DEFAULT_TIMEOUT_S, InputError, check_text, load_rgb
 from .tokenizer import Tokenizer
 from .video import load_video
 
@@ -56,10 +55,6 @@ class BatchFeature(dict):
             raise AttributeError(key) from None
 
 
-def _read_json(path: pathlib.Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _resolve_dir(path: str | os.PathLike, revision: str | None) -> pathlib.Path:
     local = pathlib.Path(path)
     if local.is_dir():
@@ -75,13 +70,21 @@ def _load_chat_template(directory: pathlib.Path, tokenizer_config: Mapping[str, 
     """chat_template.jinja, then chat_template.json, then the tokenizer config, as transformers looks."""
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = _read_json(directory / "chat_template.json").get("chat_template")
-    if template is None:
-        template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get("default", next(iter(named.values()), None))
+        try:
+            template, origin = jinja_file.read_text(encoding="utf-8"), jinja_file
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{jinja_file}: cannot read the chat template ({exc})") from exc
+    else:
+        origin = directory / "chat_template.json"
+        template = read_json(origin).get("chat_template")
+        if template is None:
+            template, origin = tokenizer_config.get("chat_template"), directory / "tokenizer_config.json"
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+    if template is not None:
+        # Compiled now so that a syntax error names the file it is in, not the first chat call.
+        compile_template(template, origin=str(origin))
     return template
 
 
@@ -182,15 +185,25 @@ class InternVLProcessor:
         with huggingface_hub)."""
         directory = _resolve_dir(path, revision)
         tokenizer = Tokenizer.from_dir(directory)
-        image_dict = _read_json(directory / "preprocessor_config.json")
-        video_dict = _read_json(directory / "video_preprocessor_config.json")
-        processor_dict = _read_json(directory / "processor_config.json")
+        image_file = directory / "preprocessor_config.json"
+        image_config = settings_from_file(image_file, ImageConfig.from_dict)
+        # Without a video file the video processor takes the image processor's settings.
+        video_config = settings_from_file(
+            directory / "video_preprocessor_config.json", VideoConfig.from_dict, fallback=read_json(image_file)
+        )
+        processor_file = directory / "processor_config.json"
+        processor_dict = read_json(processor_file)
+        image_seq_length = processor_dict.get("image_seq_length", 256)
+        if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
+            raise ValueError(
+                f"{processor_file}: image_seq_length must be a whole number >= 1, got {image_seq_length!r}"
+            )
         chat_template = _load_chat_template(directory, tokenizer.config) or processor_dict.get("chat_template")
         return cls(
             tokenizer,
-            ImageConfig.from_dict(image_dict),
-            VideoConfig.from_dict(video_dict) if video_dict else VideoConfig.from_dict(image_dict),
-            image_seq_length=processor_dict.get("image_seq_length", 256),
+            image_config,
+            video_config,
+            image_seq_length=image_seq_length,
             chat_template=chat_template,
             image_backend=image_backend,
             timeout=timeout,
@@ -259,6 +272,8 @@ class InternVLProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a non-empty list of strings")
+        for row, sample in enumerate(texts):
+            check_text(sample, "text" if isinstance(text, str) else f"text[{row}]")
         if do_sample_frames is None and (num_frames is not None or fps is not None):
             # transformers ignores num_frames/fps in a direct call unless do_sample_frames=True (only its
             # apply_chat_template switches sampling on); asking for frames here always samples them.

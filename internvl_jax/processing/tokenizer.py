@@ -3,7 +3,6 @@ adds on top (named special tokens, InternVL's model-specific tokens), as transfo
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
+
+from .configs import read_json
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES (v5): the named special tokens.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -65,9 +66,12 @@ class Tokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found (a `tokenizers` tokenizer.json is required)")
-        config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        return cls(HFTokenizer.from_file(str(tokenizer_file)), config)
+        config = read_json(path / "tokenizer_config.json")
+        try:
+            backend = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises plain Exception for a malformed file
+            raise ValueError(f"{tokenizer_file}: cannot load it as a tokenizer ({exc})") from exc
+        return cls(backend, config)
 
     # --- ids -----------------------------------------------------------------------------------------------
 
