@@ -1,8 +1,8 @@
 """Command lines: `convert_main` (python -m convert / internvl-jax convert) and `export_main` (internvl-jax export).
 
 Both return a process exit status: 0 on success, 2 with a one-line `error: ...` on stderr for a problem with
-the inputs (missing or mismatched checkpoint, existing destination, bad option), so scripts can tell them apart
-from crashes.
+the inputs (missing or mismatched checkpoint, existing destination, bad option) or the destination (read-only,
+full), 130 after Ctrl-C, so scripts can tell them apart from crashes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from internvl_jax.config import ConfigError
 from internvl_jax.safetensors_io import CheckpointError
 
-_USER_ERRORS = (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError)
+# OSError: unreadable source files and unwritable destinations (the message names the path).
+_USER_ERRORS = (CheckpointError, ConfigError, OSError, ValueError)
 
 
 def _convert_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
@@ -46,7 +47,12 @@ def _export_parser(prog: str = "internvl-jax export") -> argparse.ArgumentParser
     return p
 
 
-def _run(fn, *args, **kwargs) -> int:
+def run_command(fn, *args, **kwargs) -> int:
+    """`fn(*args, **kwargs)` as a command's exit status: 0, 2 with one line for a user error, 130 for Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # orbax logs each failed write with its thread's traceback (100+ lines for a full disk) before the error
+    # reaches us; the one line below says the same.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         fn(*args, **kwargs)
     except _USER_ERRORS as e:
@@ -60,11 +66,10 @@ def _run(fn, *args, **kwargs) -> int:
 
 def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> int:
     args = _convert_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from convert.core import convert
 
-    status = _run(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                  mesh=args.mesh, progress=not args.quiet)
+    status = run_command(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
+                         mesh=args.mesh, progress=not args.quiet)
     if status == 0:
         print(f"wrote {args.dst}", file=sys.stderr)
     return status
@@ -72,11 +77,10 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m conve
 
 def export_main(argv: Sequence[str] | None = None, prog: str = "internvl-jax export") -> int:
     args = _export_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from internvl_jax.export import export_converted
 
-    status = _run(export_converted, args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                  force=args.force)
+    status = run_command(export_converted, args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          force=args.force)
     if status == 0:
         print(f"wrote {args.dst}", file=sys.stderr)
     return status
