@@ -192,23 +192,33 @@ def _not_ours(directory: Path) -> list[str]:
     directory holds nothing to lose.
     """
     entries = sorted(os.listdir(directory))
-    odd = [f"symbolic link {e}" if (directory / e).is_symlink() else f"folder {e}/" for e in entries
-           if (directory / e).is_symlink() or (e != PARAMS_DIR) != (directory / e).is_file()]
-    if odd or not entries:
-        return odd
-    if MANIFEST in entries:
+    converted = MANIFEST in entries
+    ours = {"config.json", MANIFEST} if converted else {"config.json"}
+
+    def foreign(name: str) -> str | None:
+        path = directory / name
+        if path.is_symlink():
+            return f"symbolic link {name}"
+        if converted and name == PARAMS_DIR and path.is_dir():
+            return None
+        if not path.is_file():
+            return f"folder {name}/"
+        weights = not converted and _HF_WEIGHTS.fullmatch(name)
+        return None if name in ours or weights or _is_sidecar(name) else name
+
+    found = [f for f in map(foreign, entries) if f]
+    if found or not entries:
+        return found
+    if converted:
         try:
             listed = {Path(e["dir"]).name for e in read_manifest(directory)["params"].values()}
         except (CheckpointError, KeyError, TypeError) as e:
             return [f"a {MANIFEST} that is not ours ({e})"]
-        foreign = [e for e in entries if e not in _CONVERTED_ENTRIES and not _is_sidecar(e)]
-        if PARAMS_DIR in entries:
-            foreign += [f"{PARAMS_DIR}/{e}" for e in sorted(os.listdir(directory / PARAMS_DIR)) if e not in listed]
-        return foreign
-    foreign = [e for e in entries if e != "config.json" and not _HF_WEIGHTS.fullmatch(e) and not _is_sidecar(e)]
-    if not foreign and ("config.json" not in entries or not any(_HF_WEIGHTS.fullmatch(e) for e in entries)):
+        params = directory / PARAMS_DIR
+        return [f"{PARAMS_DIR}/{e}" for e in sorted(os.listdir(params)) if e not in listed] if params.is_dir() else []
+    if "config.json" not in entries or not any(_HF_WEIGHTS.fullmatch(e) for e in entries):
         return ["no checkpoint (neither our manifest nor config.json with model*.safetensors)"]
-    return foreign
+    return []
 
 
 def _ancestors_refused(protect: tuple[Path, ...]) -> list[tuple[str, Path]]:
@@ -364,7 +374,7 @@ def atomic_directory(dst: str | Path, force: bool = False, protect: tuple[Path, 
         with uninterrupted():
             _commit(tmp, dst)
     except KeyboardInterrupt:  # it came while the complete directory was put in place: the run has succeeded
-        log.warning("interrupted after %s was complete; it is kept", dst)
+        pass
     except BaseException:
         _discard(created, tmp)
         raise
