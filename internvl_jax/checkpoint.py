@@ -150,7 +150,9 @@ class ParamReader:
                                   f"folder {folder} is missing")
         target = {"param": jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)}
         try:
-            return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
+            # Ctrl-C waits for the read: interrupted, orbax's event loop is left open and warns at exit.
+            with uninterrupted():
+                return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"converted checkpoint {self.directory}: cannot restore {path!r} from "
                                   f"{folder} ({e})") from e
@@ -171,9 +173,7 @@ class DestinationError(OSError):
     """The destination cannot be written (read-only, full, not a directory): the message names it and why."""
 
 
-# The files a checkpoint directory of ours holds besides the sidecar files: a converted one (manifest), or an
-# -hf one that export / demo write (config.json + model.safetensors, or shards + their index).
-_CONVERTED_ENTRIES = {MANIFEST, "config.json", PARAMS_DIR}
+# The weight files of an -hf directory that export / demo write: model.safetensors, or shards + their index.
 _HF_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # Errors that only a write can cause: reported as the destination's problem.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -223,7 +223,9 @@ def _not_ours(directory: Path) -> list[str]:
 
 def _ancestors_refused(protect: tuple[Path, ...]) -> list[tuple[str, Path]]:
     """Directories that a destination must neither be nor contain, with what to call them."""
-    named = [("the current directory", Path.cwd()), ("your home directory", Path.home())]
+    named = [("the current directory", Path.cwd())]
+    with contextlib.suppress(RuntimeError):  # no HOME and no password entry: no home directory to protect
+        named.append(("your home directory", Path.home()))
     return named + [("the source", Path(p)) for p in protect]
 
 
