@@ -295,3 +295,34 @@ def test_demo_interrupted(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 130 and run.stderr.strip() == INTERRUPTED, run.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_help_names_the_command_it_was_called_as(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main([command, "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: internvl-jax {command} ")
+
+
+def test_interrupt_in_a_garbage_collection_callback_is_not_lost(capsys):
+    """Python prints a Ctrl-C raised in a gc callback (jax has one) as "Exception ignored" and goes on."""
+    import gc
+
+    from convert.cli import run_command
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(phase)
+            raise KeyboardInterrupt  # as a signal handler would, when SIGINT arrives during the callback
+
+    def work():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        time.sleep(5)  # where the interrupt is delivered again
+
+    fired: list[str] = []
+    assert run_command(work) == 130
+    assert capsys.readouterr().err == INTERRUPTED + "\n"
