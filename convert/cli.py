@@ -33,7 +33,8 @@ def _convert_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
                    help="source key layout (default: detected from the tensor names)")
     p.add_argument("--mesh", default=None, help='device mesh used while writing, e.g. "tensor=4" (default: all '
                    "local devices on the fsdp axis); the result restores onto any mesh")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an earlier output of ours "
+                   "(nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -46,11 +47,12 @@ def _export_parser(prog: str = "internvl-jax export") -> argparse.ArgumentParser
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="tensor dtype (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="split into files of at most this size (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an earlier output of ours "
+                   "(nothing else is ever replaced)")
     return p
 
 
-def run_command(fn, *args, **kwargs) -> int:
+def run_command(fn: Callable[..., object], *args: Any, **kwargs: Any) -> int:
     """`fn(*args, **kwargs)` as a command's exit status: 0, 2 with one line for a user error, 130 for Ctrl-C."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # orbax logs each failed write with its thread's traceback (100+ lines for a full disk) before the error
