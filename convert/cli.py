@@ -1,21 +1,25 @@
 """Command lines: `convert_main` (python -m convert / internvl-jax convert) and `export_main` (internvl-jax export).
 
 Both return a process exit status: 0 on success, 2 with a one-line `error: ...` on stderr for a problem with
-the inputs (missing or mismatched checkpoint, existing destination, bad option), so scripts can tell them apart
-from crashes.
+the inputs (missing or mismatched checkpoint, existing destination, bad option) or the destination (read-only,
+full), 130 after Ctrl-C, so scripts can tell them apart from crashes.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from internvl_jax.config import ConfigError
 from internvl_jax.safetensors_io import CheckpointError
 
-_USER_ERRORS = (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError)
+# OSError: unreadable source files and unwritable destinations (the message names the path).
+_USER_ERRORS = (CheckpointError, ConfigError, OSError, ValueError)
 
 
 def _convert_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
@@ -29,7 +33,8 @@ def _convert_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
                    help="source key layout (default: detected from the tensor names)")
     p.add_argument("--mesh", default=None, help='device mesh used while writing, e.g. "tensor=4" (default: all '
                    "local devices on the fsdp axis); the result restores onto any mesh")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an earlier output of ours "
+                   "(nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -42,11 +47,19 @@ def _export_parser(prog: str = "internvl-jax export") -> argparse.ArgumentParser
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="tensor dtype (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="split into files of at most this size (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true", help="replace DST if it is an earlier output of ours "
+                   "(nothing else is ever replaced)")
     return p
 
 
-def _run(fn, *args, **kwargs) -> int:
+def run_command(fn: Callable[..., object], *args: Any, **kwargs: Any) -> int:
+    """`fn(*args, **kwargs)` as a command's exit status: 0, 2 with one line for a user error, 130 for Ctrl-C."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # orbax logs each failed write with its thread's traceback (100+ lines for a full disk) before the error
+    # reaches us; the one line below says the same.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    previous, redelivery = sys.unraisablehook, _Redelivery(sys.unraisablehook)
+    sys.unraisablehook = redelivery
     try:
         fn(*args, **kwargs)
     except _USER_ERRORS as e:
@@ -55,16 +68,39 @@ def _run(fn, *args, **kwargs) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written at the destination", file=sys.stderr)
         return 130
+    finally:
+        sys.unraisablehook = previous
+        redelivery.cancel()
     return 0
+
+
+class _Redelivery:
+    """An unraisable hook: a Ctrl-C that lands in a garbage-collection callback (jax has one) is printed as
+    "Exception ignored" and lost, and the run goes on; deliver it again, silently, once the callback is over
+    (10 ms later: delivered now, it would land in the same callback)."""
+
+    def __init__(self, previous: Callable[[Any], object]):
+        self.previous = previous
+        self.timers: list[threading.Timer] = []
+
+    def __call__(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.previous(unraisable)
+            return
+        self.timers.append(threading.Timer(0.01, _thread.interrupt_main))
+        self.timers[-1].start()
+
+    def cancel(self) -> None:  # the run is over: an interrupt still on its way has nothing left to stop
+        for timer in self.timers:
+            timer.cancel()
 
 
 def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> int:
     args = _convert_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from convert.core import convert
 
-    status = _run(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                  mesh=args.mesh, progress=not args.quiet)
+    status = run_command(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
+                         mesh=args.mesh, progress=not args.quiet)
     if status == 0:
         print(f"wrote {args.dst}", file=sys.stderr)
     return status
@@ -72,11 +108,10 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m conve
 
 def export_main(argv: Sequence[str] | None = None, prog: str = "internvl-jax export") -> int:
     args = _export_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from internvl_jax.export import export_converted
 
-    status = _run(export_converted, args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                  force=args.force)
+    status = run_command(export_converted, args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          force=args.force)
     if status == 0:
         print(f"wrote {args.dst}", file=sys.stderr)
     return status

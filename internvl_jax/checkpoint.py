@@ -16,11 +16,19 @@ restoring is still orbax's, each device reading only its own shards, onto any me
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fnmatch
+import glob
 import json
 import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,7 +105,15 @@ class ParamWriter:
     def save(self, path: str, array: jax.Array) -> None:
         target = self.directory / param_dir(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._ckpt.save(target, args=self._ocp.args.StandardSave({"param": array}))
+        # Whole or not at all: an interrupt waits for orbax's writer threads (see `uninterrupted`).
+        with uninterrupted():
+            try:
+                self._ckpt.save(target, args=self._ocp.args.StandardSave({"param": array}))
+            except ValueError as e:  # tensorstore's write errors: the OS error is only in the message
+                code = re.search(r"os_error_code='(\d+)'", str(e))
+                if code is None:
+                    raise
+                raise OSError(int(code[1]), os.strerror(int(code[1])), str(target)) from e
 
 
 class ParamReader:
@@ -134,7 +150,9 @@ class ParamReader:
                                   f"folder {folder} is missing")
         target = {"param": jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)}
         try:
-            return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
+            # Ctrl-C waits for the read: interrupted, orbax's event loop is left open and warns at exit.
+            with uninterrupted():
+                return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"converted checkpoint {self.directory}: cannot restore {path!r} from "
                                   f"{folder} ({e})") from e
@@ -150,40 +168,228 @@ def restore_params(directory: str | Path, abstract: dict, shardings: dict[str, j
     return weights.unflatten_paths(out)
 
 
-# ----- directories -----
+# ----- destinations -----
+class DestinationError(OSError):
+    """The destination cannot be written (read-only, full, not a directory): the message names it and why."""
+
+
+# The weight files of an -hf directory that export / demo write: model.safetensors, or shards + their index.
+_HF_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# Errors that only a write can cause: reported as the destination's problem.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _is_sidecar(name: str) -> bool:
+    return name in SIDECAR_FILES or any(fnmatch.fnmatch(name, p) for p in SIDECAR_PATTERNS)
+
+
+def _not_ours(directory: Path) -> list[str]:
+    """What in `directory` shows that this project did not write it (nothing: it is one of our outputs).
+
+    Ours: a converted directory (a readable manifest, config.json, params/ holding only the folders the
+    manifest lists, sidecar files) or an exported -hf one (config.json, model.safetensors or its shards and
+    index, sidecar files); every one of those a regular file (params/ a folder), nothing else. An empty
+    directory holds nothing to lose.
+    """
+    entries = sorted(os.listdir(directory))
+    converted = MANIFEST in entries
+    ours = {"config.json", MANIFEST} if converted else {"config.json"}
+
+    def foreign(name: str) -> str | None:
+        path = directory / name
+        if path.is_symlink():
+            return f"symbolic link {name}"
+        if converted and name == PARAMS_DIR and path.is_dir():
+            return None
+        if not path.is_file():
+            return f"folder {name}/"
+        weights = not converted and _HF_WEIGHTS.fullmatch(name)
+        return None if name in ours or weights or _is_sidecar(name) else name
+
+    found = [f for f in map(foreign, entries) if f]
+    if found or not entries:
+        return found
+    if converted:
+        try:
+            listed = {Path(e["dir"]).name for e in read_manifest(directory)["params"].values()}
+        except (CheckpointError, KeyError, TypeError) as e:
+            return [f"a {MANIFEST} that is not ours ({e})"]
+        params = directory / PARAMS_DIR
+        return [f"{PARAMS_DIR}/{e}" for e in sorted(os.listdir(params)) if e not in listed] if params.is_dir() else []
+    if "config.json" not in entries or not any(_HF_WEIGHTS.fullmatch(e) for e in entries):
+        return ["no checkpoint (neither our manifest nor config.json with model*.safetensors)"]
+    return []
+
+
+def _ancestors_refused(protect: tuple[Path, ...]) -> list[tuple[str, Path]]:
+    """Directories that a destination must neither be nor contain, with what to call them."""
+    named = [("the current directory", Path.cwd())]
+    with contextlib.suppress(RuntimeError):  # no HOME and no password entry: no home directory to protect
+        named.append(("your home directory", Path.home()))
+    return named + [("the source", Path(p)) for p in protect]
+
+
+def check_destination(dst: str | Path, force: bool = False, protect: tuple[Path, ...] = ()) -> Path:
+    """`dst` made absolute, if writing it loses nothing the user owns; else an error saying what was found.
+
+    The one rule demo, convert and export follow. Refused always: a `dst` that is or contains the current
+    directory, the home directory or a `protect` directory (the source), so never `.` or `/`; a symbolic
+    link or a file; a directory holding anything this project would not have written (`_not_ours`). An
+    existing directory of ours (or an empty one) is replaced only with `force`.
+    """
+    dst = Path(os.path.abspath(dst))
+    real = dst.resolve()
+    above = next(p for p in dst.parents if p.exists())
+    if not above.is_dir():
+        raise DestinationError(f"cannot create {dst}: {above} is a file, not a directory")
+    for what, anchor in _ancestors_refused(protect):
+        anchor = anchor.resolve()
+        if anchor.is_relative_to(real):
+            inside = "" if anchor == real else " (it contains it)"
+            raise CheckpointError(f"destination {dst} would overwrite {what} {anchor}{inside}; choose another "
+                                  "directory")
+    if dst.is_symlink():
+        raise FileExistsError(f"{dst} is a symbolic link (to {os.readlink(dst)}); it is not replaced, even with "
+                              "--force: remove it or choose another destination")
+    if not dst.exists():
+        return dst
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file, not a checkpoint directory of ours; it is not replaced, even "
+                              "with --force: choose another destination")
+    found = _not_ours(dst)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise FileExistsError(f"{dst} holds {', '.join(found[:3])}{more}, which internvl_jax did not write; it is "
+                              "not replaced, even with --force: choose another destination")
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    return dst
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+
+    Why: an interrupt stops only the main thread; orbax's writer threads go on and recreate folders in a
+    directory that the cleanup has just removed. Outside the main thread (where signals cannot be caught)
+    the block just runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)
+
+
+def _partial_prefix(dst: Path) -> str:
+    # Host and pid in the name, so a later run can tell a sibling left by a killed run from one being written.
+    return f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Delete the temporary siblings of `dst` left by runs on this host that no longer exist (SIGKILL)."""
+    prefix, host = f".{dst.name}.partial-", socket.gethostname()
+    for sibling in dst.parent.glob(f"{glob.escape(prefix)}*"):
+        owner, _, pid = sibling.name[len(prefix):].rpartition("-")[0].rpartition("-")
+        if owner == host and pid.isdigit() and not _alive(int(pid)) and sibling.is_dir():
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem cannot: rename in two steps
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Put the complete `tmp` at `dst`; an old `dst` is removed only once the new one is in place."""
+    # mkdtemp makes the folder private (0700); give it the permissions of an ordinary new directory.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    if not dst.exists():
+        os.rename(tmp, dst)
+    elif _exchange(tmp, dst):  # a kill at any moment leaves the old or the new directory at dst
+        shutil.rmtree(tmp)
+    else:
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+
+
+def _write_error(e: OSError, tmp: Path) -> bool:
+    """Whether `e` is the destination's problem (full, read-only, ...) rather than, say, the source's."""
+    name = e.filename if isinstance(e.filename, str) else ""
+    return e.errno in _WRITE_ERRNOS or (bool(name) and Path(name).absolute().is_relative_to(tmp))
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | Path, force: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `dst` to fill; rename it to `dst` only when the block finishes.
 
-    A run killed half way leaves at most a hidden `.NAME.partial-*` sibling, never something at `dst` that
-    looks complete. An existing `dst` is refused unless `force`; it is replaced only after the new one is
-    complete. `protect`: directories (the source) that `dst` must neither be nor contain.
+    A run killed half way leaves at most a hidden `.NAME.partial-HOST-PID-*` sibling (the next run deletes
+    it), never something at `dst` that looks complete. What may be replaced: `check_destination`. An
+    interrupt (Ctrl-C) waits for the parameter being written, then everything written is removed.
     """
-    dst = Path(dst).absolute()
-    for p in protect:
-        p = Path(p).absolute()
-        if dst == p or p.is_relative_to(dst):
-            raise CheckpointError(f"destination {dst} would overwrite the source {p}; choose another directory")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    dst = check_destination(dst, force, protect)
+    created = [d for d in (dst.parent, *dst.parent.parents) if not d.exists()]
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(dst), dir=dst.parent))
+    except OSError as e:
+        _discard(created)
+        raise DestinationError(f"cannot create {dst}: {e.strerror or e} ({e.filename or dst.parent})") from e
     try:
         yield tmp
-        # mkdtemp makes the folder private (0700); give it the permissions of an ordinary new directory.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if dst.exists() or dst.is_symlink():
-            old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        _discard(created, tmp)
+        if isinstance(e, OSError) and not isinstance(e, DestinationError) and _write_error(e, tmp):
+            raise DestinationError(f"cannot write {dst}: {e.strerror or e}") from e
         raise
+    try:
+        with uninterrupted():
+            _commit(tmp, dst)
+    except KeyboardInterrupt:  # it came while the complete directory was put in place: the run has succeeded
+        pass
+    except BaseException:
+        _discard(created, tmp)
+        raise
+
+
+def _discard(created: list[Path], tmp: Path | None = None) -> None:
+    """Remove what this run wrote: the temporary sibling and the parent folders it created (if still empty)."""
+    with uninterrupted():
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def copy_sidecar_files(src: Path, dst: Path) -> list[str]:

@@ -117,11 +117,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from convert.cli import run_command
     from internvl_jax.demo import make_demo_checkpoint
 
-    path = make_demo_checkpoint(args.out, seed=args.seed, force=args.force)
-    print(f"wrote a random-weight demo checkpoint to {path}")
-    return 0
+    # The same exit statuses and one-line errors as convert / export, which write their output the same way.
+    status = run_command(make_demo_checkpoint, args.out, seed=args.seed, force=args.force)
+    if status == 0:
+        print(f"wrote a random-weight demo checkpoint to {args.out}")
+    return status
 
 
 # ----- batch / eval runners (internvl_jax/runners; see docs/runners.md) -----
@@ -158,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="write a small random-weight checkpoint (no download needed)")
     demo.add_argument("out", help="directory to create")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    demo.add_argument("--force", action="store_true", help="replace an earlier checkpoint of ours at OUT")
     sub.add_parser("convert", help="PyTorch safetensors -> orbax (see: internvl-jax convert --help)", add_help=False)
     sub.add_parser("export", help="our checkpoint -> -hf safetensors (see: internvl-jax export --help)",
                    add_help=False)
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("convert", "export"):
         import convert.__main__ as conv
 
-        return int(getattr(conv, f"{argv[0]}_main")(argv[1:]) or 0)
+        return int(getattr(conv, f"{argv[0]}_main")(argv[1:], prog=f"internvl-jax {argv[0]}") or 0)
     if argv and argv[0] == "bench":
         from internvl_jax.bench import main as bench_main
 

@@ -76,9 +76,13 @@ def visible_only_head(lm_head: jax.Array) -> jax.Array:
 
 
 def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Write the demo checkpoint to `out` (replaced only with `force`, and only if we wrote it: see
+    `checkpoint.check_destination`)."""
+    from internvl_jax.checkpoint import check_destination
     from internvl_jax.export import export_model
     from internvl_jax.modeling import InternVL
 
+    check_destination(out, force)  # before the model is built: a refusal should not take seconds
     tokenizer_json, added = byte_tokenizer()
     ids = {content: i for i, content, _ in added}
     # Room for the <video> token the processor adds after the last added token.

@@ -359,11 +359,15 @@ def test_existing_destination_needs_force(tmp_path, tiny_hf):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
+    for force in (False, True):  # not ours: kept, even with force (tests/test_destinations.py has the rest)
+        with pytest.raises(FileExistsError, match=r"out holds keep.txt, which internvl_jax did not write"):
+            convert(tiny_hf, dst, force=force, progress=False)
+    assert (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
     with pytest.raises(FileExistsError, match=r"out already exists; pass --force"):
         convert(tiny_hf, dst, progress=False)
-    assert (dst / "keep.txt").read_text() == "mine"
     convert(tiny_hf, dst, dtype="float32", force=True, progress=False)
-    assert not (dst / "keep.txt").exists() and checkpoint.is_converted(dst)
+    assert checkpoint.is_converted(dst)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary siblings left behind
 
 
@@ -416,9 +420,9 @@ def test_killed_conversion_leaves_no_complete_looking_destination(tmp_path, tiny
     leftovers = list(tmp_path.iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".out.partial-")
     assert not checkpoint.is_converted(leftovers[0])  # the manifest is written last
-    # A rerun is not confused by the leftover.
+    # A rerun is not confused by the leftover, and removes it (its process is gone).
     assert convert_main([str(tiny_hf), str(dst), "--quiet", "--dtype", "float32"]) == 0
-    assert checkpoint.is_converted(dst)
+    assert checkpoint.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_layout_errors_name_the_problem(tmp_path, tiny_hf):
