@@ -210,18 +210,20 @@ def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
                             refresh=False)
 
     # One encoder thread: the next window is prepared while this one generates.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
-        chunks = list(windows(pending, opts.window_size))
-        future = pool.submit(encode_window, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            encoded = future.result()
-            future = pool.submit(encode_window, chunks[k + 1]) if k + 1 < len(chunks) else None
-            failed = [e for e in encoded if isinstance(e, dict)]
-            if failed:
-                emit(failed)
-            for batch in plan_batches([e for e in encoded if isinstance(e, Encoded)], opts.batch_size):
-                emit(gen(batch))
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+            chunks = list(windows(pending, opts.window_size))
+            future = pool.submit(encode_window, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                encoded = future.result()
+                future = pool.submit(encode_window, chunks[k + 1]) if k + 1 < len(chunks) else None
+                failed = [e for e in encoded if isinstance(e, dict)]
+                if failed:
+                    emit(failed)
+                for batch in plan_batches([e for e in encoded if isinstance(e, Encoded)], opts.batch_size):
+                    emit(gen(batch))
+    finally:  # also on Ctrl-C: the bar's line ends before the interrupt message
+        bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
