@@ -166,6 +166,97 @@ def finished_part(reference: bytes, out: Path) -> None:
     out.with_name(out.name + ".part0-of-1").write_bytes(b"".join(reversed(lines)))
 
 
+
+# ----- refusals before the model loads -----
+@pytest.fixture
+def no_model(monkeypatch):
+    """These refusals must come before the model loads (not after a whole run): loading fails the test."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(InternVL, "from_pretrained", loaded)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a directory): to see that nothing was touched."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def refused(args: list[str], capsys, *needles: str) -> None:
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_batch_refuses_bad_output_paths_before_loading(ckpt, prompts, tmp_path, capsys, no_model):
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(prompts[0].read_bytes())
+    (tmp_path / "hard.jsonl").hardlink_to(source)
+    (tmp_path / "link.jsonl").symlink_to(source)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "notes.jsonl").write_text("mine, not a result file\n")
+    (tmp_path / "file").write_text("a file, not a directory\n")
+    cases = [
+        (source, "is the input file (--input"),
+        (f"{tmp_path}/../{tmp_path.name}/prompts.jsonl", "is the input file"),  # another spelling
+        (tmp_path / "hard.jsonl", "is the input file"),  # the same inode under another name
+        (tmp_path / "link.jsonl", "is the input file"),
+        (tmp_path / "results", "is a directory"),
+        (tmp_path / "notes.jsonl", "exists and is not the output of a run of this tool"),
+        (tmp_path / "file" / "out.jsonl", f"{tmp_path / 'file'} is not a directory"),
+    ]
+    before = tree(tmp_path)
+    for output, message in cases:
+        refused(["batch", "--model", str(ckpt), "--input", str(source), "--output", str(output), *OPTS], capsys,
+                f"--output {output}", message)
+        assert tree(tmp_path) == before  # nothing written, nothing changed
+    png = tmp_path / "photo.png"
+    Image.fromarray(F.synthetic_rgb(20, 20, 0)).save(png)
+    refused(["batch", "--model", str(ckpt), "--input", str(png), "--output", str(tmp_path / "out.jsonl"), *OPTS],
+            capsys, f"{png} is not a UTF-8 text file")
+
+
+def test_eval_refuses_bad_outputs_and_comma_separated_data_before_loading(ckpt, tmp_path, capsys, no_model):
+    data = tmp_path / "bench.tsv"
+    data.write_text("index\tquestion\tA\tB\tanswer\n1\tWhat?\tx\ty\tA\n")
+    finished = tmp_path / "run1"  # an eval run's directory
+    finished.mkdir()
+    for name in ("run.json", "predictions.jsonl", "summary.json"):
+        (finished / name).write_text("{}\n")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("my own summary\n")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    comma = tmp_path / "comma.tsv"
+    comma.write_text("index,question,A,B,answer\n1,What?,x,y,A\n")
+    before = tree(tmp_path)
+    cases = [
+        (data, tmp_path / "notes.txt", "--output {} is an existing file; eval writes a directory"),
+        (data, finished / "predictions.jsonl", f"is a file of the eval run in {finished}; --output names the run's "
+                                               f"directory: give --output {finished}"),
+        (data, foreign, f"{foreign / 'summary.json'} exists and is not the output of a run of this tool"),
+        (comma, tmp_path / "new", f"{comma} does not look tab-separated"),
+    ]
+    for source, output, message in cases:
+        refused(["eval", "--model", str(ckpt), "--data", str(source), "--output", str(output), *OPTS], capsys,
+                message.format(output))
+        assert tree(tmp_path) == before
+
+
+def test_a_second_run_on_the_same_output_is_refused(ckpt, prompts, tmp_path, capsys, no_model):
+    import fcntl
+
+    out = tmp_path / "results.jsonl"
+    with open(out.with_name(out.name + ".part0-of-1.lock"), "w") as lock:  # as a first run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "08:00"}))
+        lock.flush()
+        refused(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out), *OPTS], capsys,
+                f"results.jsonl.part0-of-1 is being written by pid {os.getpid()} on host {socket.gethostname()}")
+
+
 # ----- subprocess runs -----
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
