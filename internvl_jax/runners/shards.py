@@ -13,12 +13,16 @@ second process gets); a lock left by a killed process is free again and taken ov
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
+import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -295,6 +299,7 @@ def check_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
     """Write the run's settings the first time; later runs (resumes, other processes) must match them, or
     the output would mix answers of two different runs."""
     if path.exists():
+        remove_stale_temporaries(path)  # a kill while the first process wrote it
         try:
             old = _flat(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
@@ -312,6 +317,42 @@ def check_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
 
 
 # ----- processes -----
+_CTRL_C = threading.Event()
+
+
+@contextlib.contextmanager
+def ctrl_c_recorded() -> Iterator[None]:
+    """While a command runs, Ctrl-C also sets a flag that `check_ctrl_c` turns back into a KeyboardInterrupt
+    (the runners check after each batch): one raised inside code that Python runs from C (JAX's garbage
+    collection callback, a finalizer) is dropped there, and the command would otherwise go on to the end.
+    Python's report of the dropped one (a traceback) is left out: the interrupt is not lost."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # signals are another thread's or another handler's business
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        _CTRL_C.set()
+        signal.default_int_handler(signum, frame)
+
+    def unraisable(report: Any) -> None:
+        if not isinstance(report.exc_value, KeyboardInterrupt):
+            previous_hook(report)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+        _CTRL_C.clear()
+
+
+def check_ctrl_c() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that was dropped (see `ctrl_c_recorded`)."""
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> Share:
     """Join a `jax.distributed` job; this process's share comes from JAX's process index and count."""
     import jax
