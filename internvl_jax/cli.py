@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -154,6 +157,17 @@ RUNNER_COMMANDS = {"batch": cmd_batch, "eval": cmd_eval}
 # ----- end of the runners block -----
 
 
+def _import_jax() -> None:
+    """Import JAX with Ctrl-C held back until it is done: an import of jaxlib's extension modules that is
+    interrupted half-way crashes the process (SIGSEGV) instead of raising KeyboardInterrupt. A Ctrl-C pressed
+    meanwhile is delivered right after, as usual."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import jax  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="internvl-jax", description="InternVL3 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
     p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("convert", "export"):
         import convert.__main__ as conv
@@ -193,12 +208,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return parity_main(argv[1:])
     args = parser.parse_args(argv)
+    from internvl_jax.runners.shards import check_ctrl_c, ctrl_c_recorded
+
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan, **RUNNER_COMMANDS}[args.command](args)
+        with ctrl_c_recorded():
+            if args.command == "generate" or (args.command in RUNNER_COMMANDS and not args.merge_only):
+                _import_jax()
+            status = {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan,
+                      **RUNNER_COMMANDS}[args.command](args)
+            check_ctrl_c()  # a Ctrl-C that was dropped on the way is still one
+            return status
     except (FileNotFoundError, ValueError, MemoryError) as e:
         # User errors get one line naming the problem, not a traceback.
-        print(f"internvl-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"internvl-jax {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT. A runner's finished records are on disk already
+        # (each batch is fsynced before the next starts), so the same command resumes.
+        kept = "; the records finished so far are kept: run the same command again to resume" \
+            if args.command in RUNNER_COMMANDS else ""
+        print(f"internvl-jax {args.command}: interrupted{kept}", file=sys.stderr)
+        if from_command_line:
+            # An interrupt inside an XLA compilation leaves jaxlib in a state that Python's finalization may crash
+            # on (SIGSEGV in nanobind's module free: exit -11 in about 1 interrupt of 3). Everything of ours is
+            # closed and on disk by now, so leave without finalizing.
+            with contextlib.suppress(OSError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(130)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 A tensor is read from disk only when asked for (one pread), so loading or converting never holds more
 than the tensor in hand. The format is parsed here (an 8-byte header length, a JSON header,
 raw little-endian data) because numpy has no bfloat16 of its own; `ml_dtypes` (a JAX dependency) gives it.
+The header is not trusted: every entry's offsets are checked against its shape x dtype size and the file's
+size when the file is opened, so a corrupt or hostile header is a `CheckpointError`, never an allocation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -31,15 +34,21 @@ class SafetensorsFile:
         self.path = path
         try:
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100_000_000:
-                    raise CheckpointError(f"{path}: header length {n} is implausible; not a safetensors file")
+                if n > min(size - 8, 100_000_000):
+                    raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes); "
+                                          "not a safetensors file, or a truncated one")
                 header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, struct.error, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
             raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
-        self.entries: dict[str, dict] = header
         self._start = 8 + n
+        for key, entry in header.items():
+            _check_entry(path, key, entry, size - self._start)
+        self.entries: dict[str, dict] = header
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -71,6 +80,33 @@ class SafetensorsFile:
         return np.frombuffer(raw, _DTYPES[e["dtype"]]).reshape(shape)
 
 
+def _check_entry(path: Path, key: str, entry: object, data_size: int) -> None:
+    """One header entry, before anything is read: its offsets must lie in the file and (for a dtype we know)
+    span exactly shape x dtype bytes, so a corrupt or hostile header fails here instead of allocating what it
+    claims."""
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not a string")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_size):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} do not lie within the file's {data_size} "
+                              "data bytes (truncated or corrupt file?)")
+    if dtype in _DTYPES:
+        need = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != need:
+            raise CheckpointError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but shape "
+                                  f"{shape} of {dtype} needs {need}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsDir:
     """All tensors of a checkpoint directory: single `model.safetensors` or an index-sharded set."""
 
@@ -81,9 +117,11 @@ class SafetensorsDir:
         index = d / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+                weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: JSON, UTF-8
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> file name")
             names = sorted(set(weight_map.values()))
         elif (d / "model.safetensors").is_file():
             names, weight_map = ["model.safetensors"], {}

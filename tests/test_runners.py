@@ -8,11 +8,13 @@ import csv
 import io
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,97 @@ def finished_part(reference: bytes, out: Path) -> None:
     out.with_name(out.name + ".part0-of-1").write_bytes(b"".join(reversed(lines)))
 
 
+
+# ----- refusals before the model loads -----
+@pytest.fixture
+def no_model(monkeypatch):
+    """These refusals must come before the model loads (not after a whole run): loading fails the test."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(InternVL, "from_pretrained", loaded)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for a directory): to see that nothing was touched."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def refused(args: list[str], capsys, *needles: str) -> None:
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_batch_refuses_bad_output_paths_before_loading(ckpt, prompts, tmp_path, capsys, no_model):
+    source = tmp_path / "prompts.jsonl"
+    source.write_bytes(prompts[0].read_bytes())
+    (tmp_path / "hard.jsonl").hardlink_to(source)
+    (tmp_path / "link.jsonl").symlink_to(source)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "notes.jsonl").write_text("mine, not a result file\n")
+    (tmp_path / "file").write_text("a file, not a directory\n")
+    cases = [
+        (source, "is the input file (--input"),
+        (f"{tmp_path}/../{tmp_path.name}/prompts.jsonl", "is the input file"),  # another spelling
+        (tmp_path / "hard.jsonl", "is the input file"),  # the same inode under another name
+        (tmp_path / "link.jsonl", "is the input file"),
+        (tmp_path / "results", "is a directory"),
+        (tmp_path / "notes.jsonl", "exists and is not the output of a run of this tool"),
+        (tmp_path / "file" / "out.jsonl", f"{tmp_path / 'file'} is not a directory"),
+    ]
+    before = tree(tmp_path)
+    for output, message in cases:
+        refused(["batch", "--model", str(ckpt), "--input", str(source), "--output", str(output), *OPTS], capsys,
+                f"--output {output}", message)
+        assert tree(tmp_path) == before  # nothing written, nothing changed
+    png = tmp_path / "photo.png"
+    Image.fromarray(F.synthetic_rgb(20, 20, 0)).save(png)
+    refused(["batch", "--model", str(ckpt), "--input", str(png), "--output", str(tmp_path / "out.jsonl"), *OPTS],
+            capsys, f"{png} is not a UTF-8 text file")
+
+
+def test_eval_refuses_bad_outputs_and_comma_separated_data_before_loading(ckpt, tmp_path, capsys, no_model):
+    data = tmp_path / "bench.tsv"
+    data.write_text("index\tquestion\tA\tB\tanswer\n1\tWhat?\tx\ty\tA\n")
+    finished = tmp_path / "run1"  # an eval run's directory
+    finished.mkdir()
+    for name in ("run.json", "predictions.jsonl", "summary.json"):
+        (finished / name).write_text("{}\n")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("my own summary\n")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    comma = tmp_path / "comma.tsv"
+    comma.write_text("index,question,A,B,answer\n1,What?,x,y,A\n")
+    before = tree(tmp_path)
+    cases = [
+        (data, tmp_path / "notes.txt", "--output {} is an existing file; eval writes a directory"),
+        (data, finished / "predictions.jsonl", f"is a file of the eval run in {finished}; --output names the run's "
+                                               f"directory: give --output {finished}"),
+        (data, foreign, f"{foreign / 'summary.json'} exists and is not the output of a run of this tool"),
+        (comma, tmp_path / "new", f"{comma} does not look tab-separated"),
+    ]
+    for source, output, message in cases:
+        refused(["eval", "--model", str(ckpt), "--data", str(source), "--output", str(output), *OPTS], capsys,
+                message.format(output))
+        assert tree(tmp_path) == before
+
+
+def test_a_second_run_on_the_same_output_is_refused(ckpt, prompts, tmp_path, capsys, no_model):
+    import fcntl
+
+    out = tmp_path / "results.jsonl"
+    with open(out.with_name(out.name + ".part0-of-1.lock"), "w") as lock:  # as a first run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "08:00"}))
+        lock.flush()
+        refused(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out), *OPTS], capsys,
+                f"results.jsonl.part0-of-1 is being written by pid {os.getpid()} on host {socket.gethostname()}")
+
+
 # ----- subprocess runs -----
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
@@ -206,7 +299,44 @@ def kill_when(proc: subprocess.Popen, ready, part: Path, total: int) -> int:
     return held
 
 
-def test_sigkill_at_several_points_then_resume(ckpt, prompts, reference, tmp_path, compile_cache):
+def started(proc: subprocess.Popen) -> bool:
+    """The command is inside `main` (loading JAX): a signal now meets the CLI, not Python's own start-up."""
+    try:
+        return "jaxlib" in Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def signal_at_random(proc: subprocess.Popen, sig: signal.Signals, rng: random.Random, longest: float,
+                     ready: Callable[[], bool] = lambda: True) -> int:
+    """Send `sig` a random time (up to `longest` s) after `proc` has started and `ready()` holds; returns its
+    exit status: 0 when it finished first, -9 for SIGKILL, 130 for SIGINT (then with one line on stderr and no
+    traceback)."""
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not (started(proc) and ready()):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, longest))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == -signal.SIGINT:  # only when the signal came after `main` returned, as Python exited
+        assert ": wrote " in err or ": scored " in err, err  # (the run's last message: it was over)
+        return 0
+    assert proc.returncode in ((0, -9) if sig == signal.SIGKILL else (0, 130)), err
+    if proc.returncode == 130:
+        assert "Traceback" not in err and err.count("interrupted") == 1, err
+        assert err.splitlines()[-1].endswith("interrupted; the records finished so far are kept: run the same "
+                                             "command again to resume"), err
+    return proc.returncode
+
+
+# Signals sent at random moments after the fixed kill points (a seeded sequence); the slow variant does more.
+SIGNAL_ROUNDS = [pytest.param([signal.SIGINT, signal.SIGKILL], id="2-rounds"),
+                 pytest.param([signal.SIGINT, signal.SIGKILL] * 4, id="8-rounds", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("rounds", SIGNAL_ROUNDS)
+def test_sigkill_at_several_points_then_resume(ckpt, prompts, reference, tmp_path, compile_cache, rounds):
     out = tmp_path / "results.jsonl"
     part = out.with_name(out.name + ".part0-of-1")
     total = len(prompts[1])
@@ -223,11 +353,37 @@ def test_sigkill_at_several_points_then_resume(ckpt, prompts, reference, tmp_pat
     # 4. a few records later
     second = kill_when(cli_proc(compile_cache, *args), lambda: len(complete_lines(part)) >= first + 4, part, total)
     assert first < second < total
+    # 5. SIGINT (Ctrl-C) and SIGKILL at random moments
+    rng, held = random.Random(19), second
+    for k, sig in enumerate(rounds):
+        # Every other round waits for a new result line first, so that some signals land during generation.
+        ready = (lambda: True) if k % 2 == 0 else (lambda held=held: len(complete_lines(part)) > held)
+        code = signal_at_random(cli_proc(compile_cache, *args), sig, rng, 2.0, ready)
+        assert len(complete_lines(part)) >= held
+        held = len(complete_lines(part))
+        if code == 0:
+            break
     err = finish(cli_proc(compile_cache, *args))
-    assert f"{second} already done" in err
+    assert f"{held} already done" in err
     assert out.read_bytes() == reference
     ids = [json.loads(x)["id"] for x in complete_lines(part)]
     assert sorted(map(str, ids)) == sorted(str(i) for i, _ in prompts[1])  # every record once in the part too
+    # nothing temporary is left: no lock, no half-written file
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, part.name, run_file.name])
+
+
+def test_ctrl_c_in_generate_is_one_line(ckpt, compile_cache):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(compile_cache))
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_jax.cli", "generate", "--model", str(ckpt),
+                             "--max-new-tokens", "64", "Say something."], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not started(proc):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # while JAX and the model load
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err == "internvl-jax generate: interrupted\n", err
 
 
 def test_two_independent_shards_share_a_run(ckpt, prompts, reference, tmp_path, compile_cache):
@@ -353,3 +509,30 @@ def test_eval_jsonl_open_questions(ckpt, model, tmp_path):
     assert [p["exact_match"] for p in preds] == [True, False, True]
     em = json.loads((out / "summary.json").read_text())["open"]["exact_match"]
     assert (em["correct"], em["total"], em["per_category"]["a"]["correct"]) == (2, 3, 1)
+
+
+def test_eval_random_kills_and_interrupts_then_resume(ckpt, tmp_path, compile_cache):
+    """(Answers equal an uninterrupted run's: the batch test above shows it; here, each record exactly once.)"""
+    jpg = b64_image(120, 100, 31)
+    header = ["index", "question", "A", "B", "C", "answer", "category", "image"]
+    rows = [[i, f"Question {i}: " + "which one? " * (i % 4), "red", "green", "blue", "ABC"[i % 3], "c",
+             jpg if i == 1 else ""] for i in range(8)]
+    data = tmp_path / "bench.tsv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows([header, *rows])
+    out = tmp_path / "run"
+    part = out / "results.jsonl.part0-of-1"
+    args = ["eval", "--model", str(ckpt), "--data", str(data), "--batch-size", "2", *OPTS, "--output", str(out)]
+    rng = random.Random(7)
+    # SIGINT while loading or compiling, then SIGKILL once some results are written
+    for sig, longest, ready in ((signal.SIGINT, 3.0, lambda: True),
+                                (signal.SIGKILL, 2.0, lambda: len(complete_lines(part)) > 0)):
+        if signal_at_random(cli_proc(compile_cache, *args), sig, rng, longest, ready) == 0:
+            break
+    finish(cli_proc(compile_cache, *args))
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in preds] == list(range(8)) and not any(p["error"] for p in preds)
+    assert json.loads((out / "summary.json").read_text())["multiple_choice"]["total"] == 8
+    assert sorted(json.loads(x)["row"] for x in complete_lines(part)) == list(range(8))  # each record once
+    assert sorted(p.name for p in out.iterdir()) == sorted(["predictions.jsonl", "summary.json", "run.json",
+                                                           part.name])

@@ -220,6 +220,97 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
     with pytest.raises(RunMismatch, match="g.max_new_tokens: was 8, now 9"):
         shards.check_fingerprint(f, {"a": 1, "g": {"max_new_tokens": 9}})
 
+    (tmp_path / "other.json").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(RunMismatch, match=r"other.json is not the settings file of a run"):
+        shards.check_fingerprint(tmp_path / "other.json", {"a": 1})
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_part_lock_names_its_holder_and_is_taken_over_when_stale(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    part = tmp_path / "out.jsonl.part0-of-1"
+    lock = part.with_name(part.name + ".lock")
+    with shards.PartLock(part):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        # A second holder (another open file: flock conflicts within one process too) is refused, by name.
+        with pytest.raises(shards.PartBusy, match=rf"{part} is being written by pid {os.getpid()} on host "
+                                                  rf"{shards.HOST} .*lock {lock}"):
+            shards.PartLock(part).__enter__()
+    assert not lock.exists()  # released: nothing left behind
+    # A lock file left by a killed process (its flock died with it) is simply taken.
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": shards.HOST}))
+    with shards.PartLock(part):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # Without flock (some network filesystems) the file decides: a dead pid of this host is taken over; a live
+    # one, or one of another host (which cannot be checked from here), is not.
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock.write_text(json.dumps({"pid": dead_pid(), "host": shards.HOST}))
+    with shards.PartLock(part):
+        pass
+    for holder in ({"pid": os.getpid(), "host": shards.HOST}, {"pid": dead_pid(), "host": "elsewhere"}):
+        lock.write_text(json.dumps(holder))
+        with pytest.raises(shards.PartBusy, match=f"pid {holder['pid']} on host {holder['host']}"):
+            shards.PartLock(part).__enter__()
+
+
+def test_atomic_write_leaves_no_temporaries(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "results.jsonl"
+    stale = tmp_path / f".results.jsonl.tmp-{shards.HOST}-{dead_pid()}"  # left by a SIGKILL
+    live = tmp_path / f".results.jsonl.tmp-{shards.HOST}-{os.getppid()}"  # a live process writing now
+    remote = tmp_path / ".results.jsonl.tmp-elsewhere-1"  # another host's: cannot tell, left alone
+    for p in (stale, live, remote):
+        p.write_bytes(b"half")
+    shards.write_atomic(target, b"one\n")
+    assert target.read_bytes() == b"one\n" and not stale.exists() and live.exists() and remote.exists()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_atomic(target, b"two\n")
+    assert target.read_bytes() == b"one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, live, remote))
+
+
+def test_input_files_that_are_not_text_or_not_tab_separated_are_named(tmp_path):
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match=rf"{png} is not a UTF-8 text file .*expected JSONL"):
+        read_prompts(png)
+    tsv = tmp_path / "photo.tsv"
+    tsv.write_bytes(png.read_bytes())
+    with pytest.raises(ValueError, match=rf"{tsv} is not a UTF-8 text file .*tab-separated"):
+        read_table(tsv)
+    late = tmp_path / "late.jsonl"  # good lines, then bytes that are not text: the error says where
+    late.write_bytes(b'{"id": 1, "prompt": "a"}\n' * 3000 + b"\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"late.jsonl is not a UTF-8 text file \(invalid start byte after line"):
+        read_prompts(late)
+    csv_file = tmp_path / "bench.tsv"
+    csv_file.write_text("index,question,A,B,answer\n1,What?,x,y,A\n")
+    with pytest.raises(ValueError, match=rf"{csv_file} does not look tab-separated: its header line "
+                                         r"'index,question,A,B,answer' has no tab \(but commas"):
+        read_table(csv_file)
+    blank_first = tmp_path / "blank.tsv"  # pandas skips blank lines before the header too
+    blank_first.write_text("\nindex\tquestion\n1\tWhat?\n")
+    assert [r.fields for r in read_table(blank_first)] == [{"index": 1, "question": "What?"}]
+
 
 def test_failing_batch_is_retried_row_by_row():
     import numpy as np

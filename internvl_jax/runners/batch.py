@@ -24,7 +24,7 @@ import numpy as np
 
 from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, bucket, max_length
 from internvl_jax.runners.records import Request
-from internvl_jax.runners.shards import PartWriter, result_line
+from internvl_jax.runners.shards import PartWriter, check_ctrl_c, result_line
 
 GenerateFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
 
@@ -200,6 +200,7 @@ def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
 
     def emit(rows: list[dict[str, Any]]) -> None:
         writer.write([result_line(r) for r in rows])
+        check_ctrl_c()  # the rows are on disk: a Ctrl-C that was dropped somewhere ends the run here
         stats.records += len(rows)
         stats.failed += sum(r["error"] is not None for r in rows)
         stats.prompt_tokens += sum(r["prompt_tokens"] or 0 for r in rows if r["error"] is None)
@@ -210,18 +211,20 @@ def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
                             refresh=False)
 
     # One encoder thread: the next window is prepared while this one generates.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
-        chunks = list(windows(pending, opts.window_size))
-        future = pool.submit(encode_window, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            encoded = future.result()
-            future = pool.submit(encode_window, chunks[k + 1]) if k + 1 < len(chunks) else None
-            failed = [e for e in encoded if isinstance(e, dict)]
-            if failed:
-                emit(failed)
-            for batch in plan_batches([e for e in encoded if isinstance(e, Encoded)], opts.batch_size):
-                emit(gen(batch))
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+            chunks = list(windows(pending, opts.window_size))
+            future = pool.submit(encode_window, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                encoded = future.result()
+                future = pool.submit(encode_window, chunks[k + 1]) if k + 1 < len(chunks) else None
+                failed = [e for e in encoded if isinstance(e, dict)]
+                if failed:
+                    emit(failed)
+                for batch in plan_batches([e for e in encoded if isinstance(e, Encoded)], opts.batch_size):
+                    emit(gen(batch))
+    finally:  # also on Ctrl-C: the bar's line ends before the interrupt message
+        bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 

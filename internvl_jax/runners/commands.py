@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,15 +71,17 @@ def execute(job: Job, args: argparse.Namespace, share: Share, distributed: bool,
 
     if not args.merge_only:
         own = shards.part_path(job.base, share)
-        shards.repair_tail(own)
-        done = shards.load_done(shards.find_parts(job.base), check)
-        pending = [r for r in requests if share.owns(r.row) and r.row not in done]
-        mine = sum(share.owns(r.row) for r in requests)
-        print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {mine} records, "
-              f"{mine - len(pending)} already done, {len(pending)} to do", file=sys.stderr)
-        if pending:
-            stats = _run(pending, own, args, distributed, directory)
-            print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {stats.line()}", file=sys.stderr)
+        with shards.PartLock(own):  # before the done rows are read: a second run would redo the same ones
+            shards.repair_tail(own)
+            done = shards.load_done(shards.find_parts(job.base), check)
+            pending = [r for r in requests if share.owns(r.row) and r.row not in done]
+            mine = sum(share.owns(r.row) for r in requests)
+            print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {mine} records, "
+                  f"{mine - len(pending)} already done, {len(pending)} to do", file=sys.stderr)
+            if pending:
+                stats = _run(pending, own, args, distributed, directory)
+                print(f"internvl-jax {job.kind}: process {share.index}/{share.count}: {stats.line()}",
+                      file=sys.stderr)
         parts = shards.find_parts(job.base)
     if distributed:
         shards.barrier("internvl-jax-runner-finished")
@@ -139,6 +142,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     source, output = Path(args.input), Path(args.output)
     if not source.is_file():
         raise FileNotFoundError(f"--input {source} is not a file")
+    run_file = output.with_name(output.name + ".run.json")
+    check_outputs("--output", output, {"--input": source}, [output], run_file,
+                  None if args.merge_only else shards.part_path(output, share))
     requests = read_prompts(source)
 
     def finish(lines: list[bytes]) -> str:
@@ -146,7 +152,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return f"wrote {len(lines)} results ({_failed(lines)} failed) to {output}"
 
     directory = None if args.merge_only else _model_dir(args)
-    job = Job("batch", requests, output, output.with_name(output.name + ".run.json"), finish)
+    job = Job("batch", requests, output, run_file, finish)
     if directory is not None:
         shards.check_fingerprint(job.run_file, fingerprint("batch", args, directory, requests))
     return execute(job, args, share, distributed, directory)
@@ -160,6 +166,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data, out = Path(args.data), Path(args.output)
     if not data.is_file():
         raise FileNotFoundError(f"--data {data} is not a file")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise FileNotFoundError(f"--image-root {args.image_root} is not a directory")
+    check_eval_directory(out)
+    check_outputs("--output", out, {"--data": data}, [out / "predictions.jsonl", out / "summary.json"],
+                  out / "run.json", None if args.merge_only else shards.part_path(out / "results.jsonl", share))
     items = ev.items_from_rows(read_table(data), data, Path(args.image_root) if args.image_root else None)
     requests = ev.requests_for(items, args.system)
 
@@ -183,6 +194,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if directory is not None:
         shards.check_fingerprint(job.run_file, fingerprint("eval", args, directory, requests))
     return execute(job, args, share, distributed, directory)
+
+
+# ----- output paths: checked before the input is read or the model loaded -----
+def check_outputs(option: str, given: Path, inputs: dict[str, Path], finals: Sequence[Path], run_file: Path,
+                  part: Path | None) -> None:
+    """Every file the run writes under `option` `given` (`finals` by atomic rename, `run_file`, its `part`,
+    appended to) can be written and is none of the `inputs` (by inode, whatever the spelling); final files that
+    exist already must be a run's (its `run_file` beside them), never a user's file that the merge replaces."""
+
+    def where(path: Path) -> str:
+        return f"{option} {given}" if path == given else f"{option} {given}: {path}"
+
+    for path in [*finals, run_file, *([part] if part is not None else [])]:
+        if path.is_dir():
+            raise ValueError(f"{where(path)} is a directory; the run writes a file there")
+        for name, source in inputs.items():
+            if path.exists() and os.path.samefile(path, source):
+                raise ValueError(f"{where(path)} is the input file ({name} {source}); the run would overwrite "
+                                 "it: choose another output path")
+    existing = next(d for d in (run_file.parent, *run_file.parent.parents) if d.exists() or d == Path(d.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"{where(existing)} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{where(existing)}: cannot write in this directory (permission denied)")
+    if part is not None and part.exists() and not os.access(part, os.W_OK):
+        raise ValueError(f"{where(part)} (this process's results) is not writable")
+    foreign = [p for p in finals if p.exists()]
+    if foreign and not run_file.exists():
+        raise ValueError(f"{where(foreign[0])} exists and is not the output of a run of this tool (no "
+                         f"{run_file.name} beside it); move it away or choose another output path")
+
+
+def check_eval_directory(out: Path) -> None:
+    """`eval --output` names a directory: an existing file there is refused, with a hint when it is a file
+    of an eval run (its predictions or summary) rather than the run's directory."""
+    if not out.exists() or out.is_dir():
+        return
+    if out.name in ("predictions.jsonl", "summary.json") and (out.parent / "run.json").is_file():
+        raise ValueError(f"--output {out} is a file of the eval run in {out.parent}; --output names the run's "
+                         f"directory: give --output {out.parent} to resume or score that run again")
+    raise ValueError(f"--output {out} is an existing file; eval writes a directory (predictions.jsonl, "
+                     "summary.json, its parts): give a directory path")
 
 
 # ----- arguments -----
@@ -216,3 +269,7 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     if not args.merge_only and not args.model:
         raise ValueError("--model is required (except with --merge-only)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.window < 0:
+        raise ValueError(f"--window must be 0 (4 x batch size) or more, got {args.window}")

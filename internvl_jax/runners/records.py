@@ -11,10 +11,11 @@ request, one whose `error` names the record and field; the runner writes it out 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def id_key(value: Any) -> str:
 # ----- JSONL prompts -----
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed object or None, error) for every non-blank line."""
-    with open(path, encoding="utf-8") as f:
+    number = 0
+    with open(path, encoding="utf-8") as f, _text_file(path, "JSONL", lambda: number):
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -58,6 +60,19 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, json.loads(line), None
             except json.JSONDecodeError as e:
                 yield number, None, f"line {number} is not valid JSON: {e}"
+
+
+@contextlib.contextmanager
+def _text_file(path: Path, kind: str, lines_read: Callable[[], int]) -> Iterator[None]:
+    """Bytes that are not UTF-8 mean the file is not text at all (an image given as input, say): the whole
+    file is refused, by name, in one line."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        where = f"after line {lines_read()}" if lines_read() else "at the start"
+        raise ValueError(f"{path} is not a UTF-8 text file ({e.reason} {where}); expected {kind}") from e
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {lines_read()}: {e}; expected {kind}") from e
 
 
 def _local(source: Any, base: Path) -> Any:
@@ -204,18 +219,28 @@ def read_tsv(path: Path) -> list[TableRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
-        try:
-            header = next(reader)
-        except StopIteration:
-            return []
-        raw, errors = [], {}
-        for cells in reader:
-            if not any(c.strip() for c in cells):
-                continue  # pandas skips blank lines
-            if len(cells) > len(header):
-                errors[len(raw)] = f"has {len(cells)} cells but the header has {len(header)}"
-            cells = (cells + [""] * (len(header) - len(cells)))[: len(header)]
-            raw.append([_parse_cell(c) for c in cells])
+        with _text_file(path, "a tab-separated file", lambda: reader.line_num):
+            return _table_rows(path, reader)
+
+
+def _table_rows(path: Path, reader: Iterator[list[str]]) -> list[TableRow]:
+    """The rows of a TSV `reader`, typed per column as pandas types them."""
+    header = next((cells for cells in reader if any(c.strip() for c in cells)), None)  # pandas skips blank lines
+    if header is None:
+        return []
+    if len(header) < 2:
+        # A benchmark needs at least an index and a question column: one column means no tab in the line.
+        commas = " (but commas: a comma-separated file?)" if "," in header[0] else ""
+        raise ValueError(f"{path} does not look tab-separated: its header line {header[0][:60]!r} has no "
+                         f"tab{commas}")
+    raw, errors = [], {}
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue  # pandas skips blank lines
+        if len(cells) > len(header):
+            errors[len(raw)] = f"has {len(cells)} cells but the header has {len(header)}"
+        cells = (cells + [""] * (len(header) - len(cells)))[: len(header)]
+        raw.append([_parse_cell(c) for c in cells])
     kinds = [_column_type([r[j] for r in raw]) for j in range(len(header))]
     rows = []
     for k, r in enumerate(raw):

@@ -6,14 +6,24 @@ share that needs no coordination. It appends one JSON line per finished record t
 (ends in a newline); on restart a torn last line is cut off and every done row is skipped, so a run killed
 at any moment loses at most the batch in flight and never writes a record twice. The merge reads every
 part (any process count: a run may be resumed with another one), keeps the first line of each row, and
-writes the final file in input order through a temporary file and an atomic rename.
+writes the final file in input order through a temporary file and an atomic rename. One process at a time
+appends to a part: it holds `<part>.lock` (an flock, with its pid and host written in it for the message a
+second process gets); a lock left by a killed process is free again and taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
+import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,18 +138,20 @@ class PartWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_tail(path)
         self.path = path
-        self._f = open(path, "ab")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, lines: Sequence[bytes]) -> None:
+        # Unbuffered: an interrupt inside the loop leaves a torn last line (cut off by the restart), never
+        # bytes held in a buffer that a later close would append after it.
         if not lines:
             return
-        # One write call per batch: a kill can tear only the last line, which the restart cuts off.
-        self._f.write(b"".join(lines))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        view = memoryview(b"".join(lines))
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        self._f.close()
+        os.close(self._fd)
 
     def __enter__(self) -> PartWriter:
         return self
@@ -154,12 +166,112 @@ def result_line(obj: dict[str, Any]) -> bytes:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Readers see the old file or the whole new one, never a half-written one (also after a kill)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C: leave nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of `path` left by killed processes of this host (a live or another host's
+    process may be writing its own right now: those are left alone)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-{re.escape(HOST)}-(\d+)")
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and not pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+HOST = socket.gethostname()
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether `pid` is a process of this host that exists."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # not a pid (kill(0 or -1) would address a whole process group)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+class PartBusy(ValueError):
+    """Another process is appending to the same part file."""
+
+
+class PartLock:
+    """`<part>.lock`, held while this process appends to `part`: a second run on the same output would
+    redo the same records. The lock is an flock (released by the kernel when its process dies, even by
+    SIGKILL); the pid and host in the file are there to say who holds it. Where the filesystem has no flock,
+    the file alone decides: held unless it names a dead process of this host (then it is taken over)."""
+
+    def __init__(self, part: Path):
+        self.part = part
+        self.path = part.with_name(part.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> PartLock:
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._take(fd)
+                # The holder before us may have deleted the file between our open and our flock: then we hold
+                # a lock on a file nobody else sees. Start again on the one at the path.
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    holder = {"pid": os.getpid(), "host": HOST, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+                    self._fd, fd = fd, -1
+            except FileNotFoundError:
+                pass
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return self
+
+    def _take(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        holder = self._holder(fd)
+        if not busy and (holder is None or (holder.get("host") == HOST and not pid_alive(holder.get("pid")))):
+            return  # no flock here, and the file names nobody alive: ours
+        who = "another process" if holder is None else \
+            f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+        raise PartBusy(f"{self.part} is being written by {who}: another run on the same output is going on "
+                       f"(lock {self.path}); wait for it to finish, or give this run another output")
+
+    @staticmethod
+    def _holder(fd: int) -> dict | None:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: nobody can take the file in between
+            os.close(self._fd)
+            self._fd = None
 
 
 def merged_lines(paths: Sequence[Path], total: int, check: Callable[[int, Any], str | None]
@@ -187,7 +299,13 @@ def check_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
     """Write the run's settings the first time; later runs (resumes, other processes) must match them, or
     the output would mix answers of two different runs."""
     if path.exists():
-        old, new = _flat(json.loads(path.read_text(encoding="utf-8"))), _flat(fingerprint)
+        remove_stale_temporaries(path)  # a kill while the first process wrote it
+        try:
+            old = _flat(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise RunMismatch(f"{path} is not the settings file of a run of this tool ({e}); move it away or "
+                              "use a fresh output path") from e
+        new = _flat(fingerprint)
         differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if differ:
             details = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
@@ -199,6 +317,42 @@ def check_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
 
 
 # ----- processes -----
+_CTRL_C = threading.Event()
+
+
+@contextlib.contextmanager
+def ctrl_c_recorded() -> Iterator[None]:
+    """While a command runs, Ctrl-C also sets a flag that `check_ctrl_c` turns back into a KeyboardInterrupt
+    (the runners check after each batch): one raised inside code that Python runs from C (JAX's garbage
+    collection callback, a finalizer) is dropped there, and the command would otherwise go on to the end.
+    Python's report of the dropped one (a traceback) is left out: the interrupt is not lost."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # signals are another thread's or another handler's business
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        _CTRL_C.set()
+        signal.default_int_handler(signum, frame)
+
+    def unraisable(report: Any) -> None:
+        if not isinstance(report.exc_value, KeyboardInterrupt):
+            previous_hook(report)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+        _CTRL_C.clear()
+
+
+def check_ctrl_c() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that was dropped (see `ctrl_c_recorded`)."""
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> Share:
     """Join a `jax.distributed` job; this process's share comes from JAX's process index and count."""
     import jax
