@@ -7,15 +7,14 @@ full), 130 after Ctrl-C, so scripts can tell them apart from crashes.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from internvl_jax.config import ConfigError
+from internvl_jax.interrupts import redelivered
 from internvl_jax.safetensors_io import CheckpointError
 
 # OSError: unreadable source files and unwritable destinations (the message names the path).
@@ -58,41 +57,16 @@ def run_command(fn: Callable[..., object], *args: Any, **kwargs: Any) -> int:
     # orbax logs each failed write with its thread's traceback (100+ lines for a full disk) before the error
     # reaches us; the one line below says the same.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
-    previous, redelivery = sys.unraisablehook, _Redelivery(sys.unraisablehook)
-    sys.unraisablehook = redelivery
     try:
-        fn(*args, **kwargs)
+        with redelivered():
+            fn(*args, **kwargs)
     except _USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written at the destination", file=sys.stderr)
         return 130
-    finally:
-        sys.unraisablehook = previous
-        redelivery.cancel()
     return 0
-
-
-class _Redelivery:
-    """An unraisable hook: a Ctrl-C that lands in a garbage-collection callback (jax has one) is printed as
-    "Exception ignored" and lost, and the run goes on; deliver it again, silently, once the callback is over
-    (10 ms later: delivered now, it would land in the same callback)."""
-
-    def __init__(self, previous: Callable[[Any], object]):
-        self.previous = previous
-        self.timers: list[threading.Timer] = []
-
-    def __call__(self, unraisable: Any) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            self.previous(unraisable)
-            return
-        self.timers.append(threading.Timer(0.01, _thread.interrupt_main))
-        self.timers[-1].start()
-
-    def cancel(self) -> None:  # the run is over: an interrupt still on its way has nothing left to stop
-        for timer in self.timers:
-            timer.cancel()
 
 
 def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> int:

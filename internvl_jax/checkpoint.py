@@ -25,10 +25,7 @@ import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +35,7 @@ import jax
 import numpy as np
 
 from internvl_jax import weights
+from internvl_jax.interrupts import HOST, alive, held
 from internvl_jax.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -105,8 +103,8 @@ class ParamWriter:
     def save(self, path: str, array: jax.Array) -> None:
         target = self.directory / param_dir(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Whole or not at all: an interrupt waits for orbax's writer threads (see `uninterrupted`).
-        with uninterrupted():
+        # Whole or not at all: an interrupt waits for orbax's writer threads (see `interrupts.held`).
+        with held():
             try:
                 self._ckpt.save(target, args=self._ocp.args.StandardSave({"param": array}))
             except ValueError as e:  # tensorstore's write errors: the OS error is only in the message
@@ -151,7 +149,7 @@ class ParamReader:
         target = {"param": jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)}
         try:
             # Ctrl-C waits for the read: interrupted, orbax's event loop is left open and warns at exit.
-            with uninterrupted():
+            with held():
                 return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"converted checkpoint {self.directory}: cannot restore {path!r} from "
@@ -266,49 +264,21 @@ def check_destination(dst: str | Path, force: bool = False, protect: tuple[Path,
     return dst
 
 
-@contextlib.contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
-
-    Why: an interrupt stops only the main thread; orbax's writer threads go on and recreate folders in a
-    directory that the cleanup has just removed. Outside the main thread (where signals cannot be caught)
-    the block just runs.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        signal.raise_signal(signal.SIGINT)
-
-
 def _partial_prefix(dst: Path) -> str:
     # Host and pid in the name, so a later run can tell a sibling left by a killed run from one being written.
-    return f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}-"
+    return f".{dst.name}.partial-{HOST}-{os.getpid()}-"
 
 
 def _remove_stale_partials(dst: Path) -> None:
     """Delete the temporary siblings of `dst` left by runs on this host that no longer exist (SIGKILL)."""
-    prefix, host = f".{dst.name}.partial-", socket.gethostname()
+    prefix, host = f".{dst.name}.partial-", HOST
     for sibling in dst.parent.glob(f"{glob.escape(prefix)}*"):
         owner, _, pid = sibling.name[len(prefix):].rpartition("-")[0].rpartition("-")
-        if owner == host and pid.isdigit() and not _alive(int(pid)) and sibling.is_dir():
+        if owner == host and pid.isdigit() and not alive(int(pid)) and sibling.is_dir():
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -373,7 +343,7 @@ def atomic_directory(dst: str | Path, force: bool = False, protect: tuple[Path, 
             raise DestinationError(f"cannot write {dst}: {e.strerror or e}") from e
         raise
     try:
-        with uninterrupted():
+        with held():
             _commit(tmp, dst)
     except KeyboardInterrupt:  # it came while the complete directory was put in place: the run has succeeded
         pass
@@ -384,7 +354,7 @@ def atomic_directory(dst: str | Path, force: bool = False, protect: tuple[Path, 
 
 def _discard(created: list[Path], tmp: Path | None = None) -> None:
     """Remove what this run wrote: the temporary sibling and the parent folders it created (if still empty)."""
-    with uninterrupted():
+    with held():
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for d in created:  # deepest first

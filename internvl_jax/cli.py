@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -157,17 +156,6 @@ RUNNER_COMMANDS = {"batch": cmd_batch, "eval": cmd_eval}
 # ----- end of the runners block -----
 
 
-def _import_jax() -> None:
-    """Import JAX with Ctrl-C held back until it is done: an import of jaxlib's extension modules that is
-    interrupted half-way crashes the process (SIGSEGV) instead of raising KeyboardInterrupt. A Ctrl-C pressed
-    meanwhile is delivered right after, as usual."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        import jax  # noqa: F401
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="internvl-jax", description="InternVL3 in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,16 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return parity_main(argv[1:])
     args = parser.parse_args(argv)
-    from internvl_jax.runners.shards import check_ctrl_c, ctrl_c_recorded
+    from internvl_jax.interrupts import held, redelivered
 
     try:
-        with ctrl_c_recorded():
+        with redelivered():
             if args.command == "generate" or (args.command in RUNNER_COMMANDS and not args.merge_only):
-                _import_jax()
-            status = {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan,
-                      **RUNNER_COMMANDS}[args.command](args)
-            check_ctrl_c()  # a Ctrl-C that was dropped on the way is still one
-            return status
+                with held():  # an import of jaxlib that is interrupted half-way crashes the process
+                    import jax  # noqa: F401
+            return {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan, **RUNNER_COMMANDS}[args.command](args)
     except (FileNotFoundError, ValueError, MemoryError) as e:
         # User errors get one line naming the problem, not a traceback.
         print(f"internvl-jax {args.command}: error: {e or type(e).__name__}", file=sys.stderr)

@@ -13,21 +13,18 @@ second process gets); a lock left by a killed process is free again and taken ov
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
-import signal
-import socket
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from internvl_jax.interrupts import HOST, alive
 
 PART_PATTERN = re.compile(r"\.part(\d+)-of-(\d+)$")
 
@@ -187,26 +184,8 @@ def remove_stale_temporaries(path: Path) -> None:
         return
     for p in path.parent.iterdir():
         m = pattern.fullmatch(p.name)
-        if m and not pid_alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             p.unlink(missing_ok=True)
-
-
-HOST = socket.gethostname()
-
-
-def pid_alive(pid: Any) -> bool:
-    """Whether `pid` is a process of this host that exists."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False  # not a pid (kill(0 or -1) would address a whole process group)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 class PartBusy(ValueError):
@@ -252,7 +231,7 @@ class PartLock:
                 raise
             busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
         holder = self._holder(fd)
-        if not busy and (holder is None or (holder.get("host") == HOST and not pid_alive(holder.get("pid")))):
+        if not busy and (holder is None or (holder.get("host") == HOST and not alive(holder.get("pid")))):
             return  # no flock here, and the file names nobody alive: ours
         who = "another process" if holder is None else \
             f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
@@ -317,42 +296,7 @@ def check_fingerprint(path: Path, fingerprint: dict[str, Any]) -> None:
 
 
 # ----- processes -----
-_CTRL_C = threading.Event()
 
-
-@contextlib.contextmanager
-def ctrl_c_recorded() -> Iterator[None]:
-    """While a command runs, Ctrl-C also sets a flag that `check_ctrl_c` turns back into a KeyboardInterrupt
-    (the runners check after each batch): one raised inside code that Python runs from C (JAX's garbage
-    collection callback, a finalizer) is dropped there, and the command would otherwise go on to the end.
-    Python's report of the dropped one (a traceback) is left out: the interrupt is not lost."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # signals are another thread's or another handler's business
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        _CTRL_C.set()
-        signal.default_int_handler(signum, frame)
-
-    def unraisable(report: Any) -> None:
-        if not isinstance(report.exc_value, KeyboardInterrupt):
-            previous_hook(report)
-
-    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.unraisablehook = previous_hook
-        _CTRL_C.clear()
-
-
-def check_ctrl_c() -> None:
-    """Raise the KeyboardInterrupt of a Ctrl-C that was dropped (see `ctrl_c_recorded`)."""
-    if _CTRL_C.is_set():
-        raise KeyboardInterrupt
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> Share:
     """Join a `jax.distributed` job; this process's share comes from JAX's process index and count."""
     import jax
