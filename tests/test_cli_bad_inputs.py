@@ -43,7 +43,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         w[3, 5] = np.nan
         t[SOME_WEIGHT] = w
 
+    (root / "prompts.jsonl").write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}]}))
     return {
+        "root": root,
         "good": good,
         "llava": variant("llava", edit_config=lambda c: c | {"model_type": "llava"}),
         "int_head": variant("int_head", lambda t: t.update({HEAD: t[HEAD].astype(np.int32)})),
@@ -75,6 +77,10 @@ CASES = [
      r"config.json: model_type='llava' is not an InternVL model"),
     ("generate: integer lm_head", ["generate", "--model", "{int_head}", "hi"],
      rf"tensor '{HEAD}' is int32, but parameter 'text/lm_head' holds floating-point weights"),
+    ("batch: no frames", ["batch", "--model", "{good}", "--input", "{root}/prompts.jsonl", "--output",
+                          "{root}/out.jsonl", "--num-frames", "0"], r"--num-frames must be >= 1, got 0"),
+    ("eval: infinite temperature", ["eval", "--model", "{good}", "--data", "{root}/prompts.jsonl", "--output",
+                                    "{root}/run", "--do-sample", "--temperature", "inf"], r"--temperature"),
     ("generate: NaN in a weight", ["generate", "--model", "{nan}", "hi"],
      rf"tensor '{SOME_WEIGHT}' holds 1 non-finite value\(s\) \(NaN or inf\)"),
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from internvl_jax.cli_options import add_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 from internvl_jax.runners import shards
 from internvl_jax.runners.records import Request, id_key, read_prompts, read_table
 from internvl_jax.runners.shards import RunMismatch, Share
@@ -269,6 +269,7 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     if not args.merge_only and not args.model:
         raise ValueError("--model is required (except with --merge-only)")
+    check_generation_arguments(args)  # --temperature inf, --num-frames 0, ...: named before anything loads
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.window < 0:
