@@ -26,7 +26,7 @@ import numpy as np
 from internvl_jax.config import TextConfig
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.engine.step import DecodeState, advanced, choose_next
-from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables
+from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables, write_slots
 from internvl_jax.model.internvl import InternVLModule
 
 Params = dict[str, Any]
@@ -59,14 +59,19 @@ def layer_views(layers: Params, num_layers: int) -> list[Params] | None:
 
 @functools.lru_cache(maxsize=8)
 def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
-    """`size` layers from layer `first` on: they write their keys/values into the whole cache, in place."""
+    """`size` layers from layer `first` on: they read their slices of the whole cache and write their new
+    keys/values into it, in place."""
     layer = DecoderLayer(cfg, param_dtype)
 
     def run(group: tuple[Params, ...], first, x, k, v, rope, mask, slot):
-        carry = (x, k, v)
+        new = []
         for j, p in enumerate(group):
-            carry, _ = layer.apply({"params": p}, carry, first + j, rope, mask, slot)
-        return carry
+            own = tuple(jax.lax.dynamic_index_in_dim(a, first + j, keepdims=False) for a in (k, v))
+            x, kv = layer.apply({"params": p}, x, own, rope, mask, slot)
+            new.append(kv)
+        k = write_slots(k, jnp.stack([kv[0] for kv in new]), first, slot)
+        v = write_slots(v, jnp.stack([kv[1] for kv in new]), first, slot)
+        return x, k, v
 
     return jax.jit(run, donate_argnums=(3, 4))
 
