@@ -82,6 +82,7 @@ def main() -> None:
     run = layer_loop._group_fn(cfg, jnp.dtype(jnp.float32), size)
     groups = [(np.int32(i), tuple(views[i:i + size])) for i in range(0, n, size)]
     slot = np.int32(slots // 2)
+    write = layer_loop._write_fn()
     state = {"k": cache.k, "v": cache.v}
     t = time.perf_counter()
     run.lower(groups[0][1], groups[0][0], x, cache.k, cache.v, rope, mask, slot).compile()
@@ -89,9 +90,12 @@ def main() -> None:
 
     def loop():
         h, k, v = x, state["k"], state["v"]
+        new_k, new_v = [], []
         for first, group in groups:
-            h, k, v = run(group, first, h, k, v, rope, mask, slot)  # the whole cache, updated in place
-        state["k"], state["v"] = k, v
+            h, nk, nv = run(group, first, h, k, v, rope, mask, slot)  # reads the cache
+            new_k.append(nk)
+            new_v.append(nv)
+        state["k"], state["v"] = write(k, v, tuple(new_k), tuple(new_v), slot)  # in place
         jax.block_until_ready(h)
 
     print(f"layer loop: {median_ms(loop):6.1f} ms a step ({len(groups)} calls of {size} layers; "
