@@ -216,7 +216,7 @@ class DecodeBytes:
     accessed: float  # XLA's bytes accessed (the layer loop's body counted once: see the module's docstring)
     weights: int  # weights the step reads per chip (every layer and the head; not the embedding table)
     cache: int  # KV cache per chip (keys and values)
-    layer_cache: int  # one layer's share of the cache
+    layer_cache: int  # one layer's keys (or values): the smallest cache copy that matters
     temp: int  # XLA's temporary bytes per chip: a copied cache shows here
     copies: tuple[int, ...]  # sizes of the copies in the program, largest first
     program: Program
@@ -228,7 +228,7 @@ class DecodeBytes:
 
     @property
     def cache_copies(self) -> int:
-        """Copies of at least one layer's cache slice: none when the cache is read where it lies."""
+        """Copies of at least one layer's keys or values: none when the cache is read where it lies."""
         return sum(c >= self.layer_cache for c in self.copies)
 
 
@@ -245,7 +245,7 @@ def decode_bytes(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dty
     cache_bytes = per_chip_bytes(cache.k) + per_chip_bytes(cache.v)
     return DecodeBytes(accessed=program.accessed,
                        weights=sum(per_chip_bytes(a) for p, a in text.items() if p not in table),
-                       cache=cache_bytes, layer_cache=cache_bytes // config.text.num_layers,
+                       cache=cache_bytes, layer_cache=per_chip_bytes(cache.k) // config.text.num_layers,
                        temp=program.temp, copies=tuple(copied_bytes(step.as_text())), program=program)
 
 
