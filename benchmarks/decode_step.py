@@ -20,7 +20,7 @@ import numpy as np
 
 from internvl_jax.bench import quantile_seconds
 from internvl_jax.engine import layer_loop
-from internvl_jax.model.decoder import Decoder, DecoderLayer, KVCache, rope_tables
+from internvl_jax.model.decoder import Decoder, DecoderLayer, KVCache, rope_tables, write_slots
 from internvl_jax.presets import preset
 
 
@@ -51,16 +51,19 @@ def main() -> None:
     rope = rope_tables(cfg, positions)
 
     def scan(stacked, x, cache):
-        def body(carry, inputs):
-            return layer.apply({"params": inputs[0]}, carry, inputs[1], rope, mask, cache.slot)
+        def body(h, inputs):
+            return layer.apply({"params": inputs[0]}, h, inputs[1], rope, mask, cache.slot)
 
-        return jax.lax.scan(body, (x, cache.k, cache.v), (stacked, jnp.arange(n)))[0]
+        h, (k, v) = jax.lax.scan(body, x, (stacked, (cache.k, cache.v)))
+        return h, write_slots(cache.k, k, 0, cache.slot), write_slots(cache.v, v, 0, cache.slot)
 
     def unrolled(per_layer, x, cache):
-        carry = (x, cache.k, cache.v)
+        new = []
         for i, w in enumerate(per_layer):
-            carry, _ = layer.apply({"params": w}, carry, i, rope, mask, cache.slot)
-        return carry
+            x, kv = layer.apply({"params": w}, x, (cache.k[i], cache.v[i]), rope, mask, cache.slot)
+            new.append(kv)
+        k, v = (jnp.stack([kv[j] for kv in new]) for j in (0, 1))
+        return x, write_slots(cache.k, k, 0, cache.slot), write_slots(cache.v, v, 0, cache.slot)
 
     cache = fresh_cache()
     f = jax.jit(scan)
@@ -79,6 +82,7 @@ def main() -> None:
     run = layer_loop._group_fn(cfg, jnp.dtype(jnp.float32), size)
     groups = [(np.int32(i), tuple(views[i:i + size])) for i in range(0, n, size)]
     slot = np.int32(slots // 2)
+    write = layer_loop._write_fn()
     state = {"k": cache.k, "v": cache.v}
     t = time.perf_counter()
     run.lower(groups[0][1], groups[0][0], x, cache.k, cache.v, rope, mask, slot).compile()
@@ -86,9 +90,12 @@ def main() -> None:
 
     def loop():
         h, k, v = x, state["k"], state["v"]
+        new_k, new_v = [], []
         for first, group in groups:
-            h, k, v = run(group, first, h, k, v, rope, mask, slot)  # the whole cache, updated in place
-        state["k"], state["v"] = k, v
+            h, nk, nv = run(group, first, h, k, v, rope, mask, slot)  # reads the cache
+            new_k.append(nk)
+            new_v.append(nv)
+        state["k"], state["v"] = write(k, v, tuple(new_k), tuple(new_v), slot)  # in place
         jax.block_until_ready(h)
 
     print(f"layer loop: {median_ms(loop):6.1f} ms a step ({len(groups)} calls of {size} layers; "

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 
@@ -106,16 +107,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.planner import parse_bytes, plan
-    from internvl_jax.presets import preset
     from internvl_jax.sharding import parse_mesh_spec
+    from internvl_jax.targets import parse_target
 
-    mesh = {a: n for a, n in parse_mesh_spec(args.mesh).items() if n != 1}
-    memory = parse_bytes(args.device_memory) if args.device_memory else None
-    result = plan(preset(args.preset), mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
-    print(f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.tiles} tiles")
-    print(result.report())
+    target = parse_target(args.target)
+    config = _plan_config(args.preset)
+    sizes = parse_mesh_spec(args.mesh)
+    mesh = {a: n for a, n in sizes.items() if n != 1}
+    memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
+    header = (f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
+              f"{args.tiles} tiles")
+    if target.kind == "tpu":
+        return _compiled_plan(args, config, target, sizes, header)
+    result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
+    if args.json:
+        print(json.dumps({"target": target.label, "mesh": mesh, "batch": args.batch, "context": args.seq,
+                          "tiles": args.tiles, "dtype": args.dtype, "per_device_bytes": {
+                              "weights": result.weights, "kv_cache": result.cache,
+                              "activations_estimate": result.activations, "total": result.total},
+                          "device_memory": result.device_memory, "fits": result.fits}, indent=1))
+    else:
+        print(header)
+        print(result.report())
     return 0 if result.fits in (None, True) else 1
+
+
+def _plan_config(name: str):
+    """A preset name, or a checkpoint directory (its config.json)."""
+    from internvl_jax.config import InternVLConfig
+    from internvl_jax.presets import preset
+
+    return InternVLConfig.from_pretrained(name) if Path(name).is_dir() else preset(name)
+
+
+def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, int], header: str) -> int:
+    """`plan --target tpu:...`: compiled for the topology on abstract weights (see internvl_jax/compiled.py)."""
+    from internvl_jax.compiled import compiled_plan
+    from internvl_jax.planner import plan
+
+    plan(config, {}, args.batch, args.seq, args.tiles, args.dtype)  # the same checks of batch, length, tiles
+    result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1))
+    else:
+        print(f"{header}, target {target.label}")
+        print(result.report())
+    return 0 if result.headroom >= 0 else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -174,13 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "diverges (parity --help)", add_help=False)
     p = sub.add_parser("plan", help="per-device memory of a preset on a mesh (no allocation)")
     p.add_argument("--preset", default="InternVL3-1B",
-                   help="model shape: a preset name or a size such as 8B (default InternVL3-1B)")
+                   help="model shape: a preset name, a size such as 8B, or a checkpoint directory "
+                   "(default InternVL3-1B)")
     p.add_argument("--mesh", default="", help="e.g. data=2,tensor=4 (default: one device)")
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
     p.add_argument("--seq", type=int, default=4096, help="prompt + new tokens per sequence")
     p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
     p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
+    p.add_argument("--target", default="cpu", help="cpu (analytic plan), tpu:GENERATION:GRID (compiled for that "
+                   "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra) or h100/h200 (analytic, their HBM)")
+    p.add_argument("--context", dest="seq", type=int, default=argparse.SUPPRESS, help="same as --seq")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("convert", "export"):

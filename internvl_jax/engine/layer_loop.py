@@ -9,8 +9,8 @@ times per token, with each layer's weights handed over as zero-copy views of the
 buffer can alias host memory). Per-token bookkeeping (`choose_next`) is the on-device loop's own, so both
 paths give the same tokens.
 
-The KV cache stays the stacked [layers, b, s, k, h] pair the prefill wrote; each group call updates its
-layers' slots in place (the cache is donated from call to call).
+The KV cache stays the stacked [layers, b, s, k, h] pair the prefill wrote; the group calls read it and return
+their layers' new keys and values, which one more call per token writes into it in place (donated).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from internvl_jax.config import TextConfig
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.engine.step import DecodeState, advanced, choose_next
-from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables
+from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables, write_slots
 from internvl_jax.model.internvl import InternVLModule
 
 Params = dict[str, Any]
@@ -59,16 +59,30 @@ def layer_views(layers: Params, num_layers: int) -> list[Params] | None:
 
 @functools.lru_cache(maxsize=8)
 def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
-    """`size` layers from layer `first` on: they write their keys/values into the whole cache, in place."""
+    """`size` layers from layer `first` on: they read their slices of the whole cache (not donated) and return
+    the hidden states and their new keys and values [size, b, t, k, h], which `_write_fn` stores."""
     layer = DecoderLayer(cfg, param_dtype)
 
     def run(group: tuple[Params, ...], first, x, k, v, rope, mask, slot):
-        carry = (x, k, v)
+        new = []
         for j, p in enumerate(group):
-            carry, _ = layer.apply({"params": p}, carry, first + j, rope, mask, slot)
-        return carry
+            own = tuple(jax.lax.dynamic_index_in_dim(a, first + j, keepdims=False) for a in (k, v))
+            x, kv = layer.apply({"params": p}, x, own, rope, mask, slot)
+            new.append(kv)
+        return x, jnp.stack([kv[0] for kv in new]), jnp.stack([kv[1] for kv in new])
 
-    return jax.jit(run, donate_argnums=(3, 4))
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=1)
+def _write_fn() -> Callable:
+    """Every layer's new keys and values into the donated cache, in place: a program of its own, because one
+    that also reads the cache lets XLA:CPU copy the whole cache rather than order the reads before the write."""
+
+    def write(k, v, new_k: tuple[jax.Array, ...], new_v: tuple[jax.Array, ...], slot):
+        return (write_slots(k, jnp.concatenate(new_k), 0, slot), write_slots(v, jnp.concatenate(new_v), 0, slot))
+
+    return jax.jit(write, donate_argnums=(0, 1))
 
 
 @functools.lru_cache(maxsize=32)
@@ -103,6 +117,7 @@ def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) ->
     groups = [(np.int32(first), tuple(views[first:first + size])) for first in range(0, cfg.num_layers, size)]
     text = {k: v for k, v in params["text"].items() if k != "layers"}
     run_group, begin, end = _group_fn(cfg, module.param_dtype, size), _begin_fn(module, sampling), _end_fn(module)
+    write = _write_fn()
 
     def decode(_params: Params, cache: KVCache, st: DecodeState, limit: int) -> tuple[KVCache, DecodeState]:
         step = int(np.asarray(st.step))
@@ -113,8 +128,12 @@ def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) ->
         # queues the next step while this one runs.
         while step < limit and not bool(finished):
             st, x, rope, mask, finished = begin(text, st, np.int32(slot))
+            new_k, new_v = [], []
             for first, group in groups:
-                x, k, v = run_group(group, first, x, k, v, rope, mask, np.int32(slot))
+                x, nk, nv = run_group(group, first, x, k, v, rope, mask, np.int32(slot))
+                new_k.append(nk)
+                new_v.append(nv)
+            k, v = write(k, v, tuple(new_k), tuple(new_v), np.int32(slot))
             st = end(text, st, x)
             step, slot = step + 1, slot + 1
         return KVCache(k, v, jnp.int32(slot)), st

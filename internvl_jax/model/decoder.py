@@ -80,14 +80,33 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [b,t,k,g,h], k/v [b,s,k,h], mask [b,t,s] -> [b,t,k,g,h]."""
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (q.shape[-1] ** -0.5)
-    scores = scores.astype(jnp.float32)
+def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Grouped-query attention over blocks of keys, one softmax across all of them.
+
+    q [b,t,k,g,h]; each block is (k [b,s,k,h], v [b,s,k,h], mask [b,t,s]) -> [b,t,k,g,h]. With a cache the blocks
+    are the cache as it was and this call's new keys: the cache is read where it lies and never rewritten
+    inside the layer (see `DecoderLayer`)."""
+    scale = q.shape[-1] ** -0.5
     # A finite minimum (not -inf) keeps fully masked rows (left padding) finite: they become uniform.
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * scale,
+                        jnp.finfo(jnp.float32).min) for k, _, m in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+    bounds = [0]
+    for k, _, _ in blocks:
+        bounds.append(bounds[-1] + k.shape[1])
+    return sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., lo:hi], v)
+               for (_, v, _), lo, hi in zip(blocks, bounds, bounds[1:], strict=False))
+
+
+def cached_blocks(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  slot: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """The two key blocks of a call that writes its T new keys at slots [slot, slot + T): the cache (without
+    those slots, which still hold stale values) and the new keys, masked as `mask` [b,t,s] says."""
+    t, s = k.shape[1], k_cache.shape[1]
+    cols = jnp.arange(s)
+    stale = (cols >= slot) & (cols < slot + t)
+    new_mask = jax.lax.dynamic_slice_in_dim(mask, slot, t, axis=2)
+    return [(k_cache, v_cache, mask & ~stale), (k, v, new_mask)]
 
 
 class DecoderLayer(nn.Module):
@@ -95,13 +114,14 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, carry: tuple[jax.Array, jax.Array | None, jax.Array | None], layer: jax.Array,
-                 rope: tuple[jax.Array, jax.Array], mask: jax.Array, slot: jax.Array
-                 ) -> tuple[tuple[jax.Array, jax.Array | None, jax.Array | None], None]:
-        """`carry` = (hidden, all layers' keys, all layers' values): the whole cache rides in the scan carry
-        and only this layer's new slots are written, in place (as scan outputs it would be re-stacked,
-        i.e. copied, at every step)."""
-        x, k_all, v_all = carry
+    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None, rope: tuple[jax.Array, jax.Array],
+                 mask: jax.Array, slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Hidden [b,t,d] and this layer's cache (k, v [b,s,k,h], or None) -> hidden, this call's new (k, v).
+
+        The layer only reads its cache; the caller writes the returned keys and values at `slot` once for all
+        layers. Writing them here (the cache in the scan carry, updated in place) made XLA:TPU keep the carried
+        cache in a slot-major layout for the update and copy the whole cache in and out of the loop and each
+        layer's slice to the attention's slot-minor layout: 7x the cache's bytes a decode step (docs/tpu.md)."""
         c, pd = self.cfg, self.param_dtype
         b, t, _ = x.shape
         with jax.named_scope("attention"):
@@ -113,14 +133,14 @@ class DecoderLayer(nn.Module):
             v = Dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c.qkv_bias,
                       param_dtype=pd, name="v")(y)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if k_all is not None:
-                at = (layer, 0, slot, 0, 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-                k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            if cache is not None:  # the cache's dtype: the new keys attend exactly as they will be stored
+                k, v = k.astype(cache[0].dtype), v.astype(cache[1].dtype)
+            new = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            blocks = [(k, v, mask)] if cache is None else cached_blocks(
+                cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v, mask, slot)
             q = q.reshape(b, t, c.num_kv_heads, c.groups, c.head_dim)
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, c.num_heads, c.head_dim)
+            out = attend(q, blocks).reshape(b, t, c.num_heads, c.head_dim)
             x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), c.o_bias, n_in=2, param_dtype=pd,
                           name="o")(out)
         with jax.named_scope("mlp"):
@@ -130,7 +150,13 @@ class DecoderLayer(nn.Module):
             x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
                 activation(c.hidden_act)(gate) * up)
         self.sow(HIDDEN, "hidden", x)
-        return (x, k_all, v_all), None
+        return x, new
+
+
+def write_slots(cache_kv: jax.Array, new: jax.Array, first_layer: jax.Array | int, slot: jax.Array) -> jax.Array:
+    """Stacked cache [L,b,s,k,h] with new keys [l,b,t,k,h] written at layers first_layer.., slots slot.. (in place
+    when the cache is donated)."""
+    return jax.lax.dynamic_update_slice(cache_kv, new.astype(cache_kv.dtype), (first_layer, 0, slot, 0, 0))
 
 
 class Decoder(nn.Module):
@@ -147,7 +173,7 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0, HIDDEN: 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # layer index; rope, mask, slot shared
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # each layer's cache; rope, mask, slot shared
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.param_dtype, name="layers")
@@ -165,10 +191,9 @@ class Decoder(nn.Module):
         self.sow(HIDDEN, "input", x)
         rope = rope_tables(self.cfg, positions)
         slot = cache.slot if cache is not None else jnp.zeros((), jnp.int32)
-        carry = (x, cache.k, cache.v) if cache is not None else (x, None, None)
-        (x, k, v), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), rope, mask, slot)
+        x, (k, v) = self.layers(x, None if cache is None else (cache.k, cache.v), rope, mask, slot)
         if cache is not None:
-            cache = KVCache(k, v, cache.slot + x.shape[1])
+            cache = KVCache(write_slots(cache.k, k, 0, slot), write_slots(cache.v, v, 0, slot), slot + x.shape[1])
         x = self.final_norm(x)
         self.sow(HIDDEN, "normed", x)
         return x, cache
