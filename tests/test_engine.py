@@ -39,8 +39,11 @@ def agree(ours: np.ndarray, theirs: np.ndarray, ref, ids_mask_px) -> None:
         return
     row, col = np.argwhere(ours != theirs)[0]
     ids, mask, px = ids_mask_px
-    prefix = theirs[row:row + 1, :col]
-    logits = tm.torch_logits(ref, prefix, px if px is not None and row == 0 else None)[0, -1]
+    # The row as it was asked alone: its own pixels (a list gives each row's) and no left padding.
+    start = int(np.argmax(mask[row])) if mask is not None else 0
+    prefix = theirs[row:row + 1, start:col]
+    row_px = px[row] if isinstance(px, list) else px if row == 0 else None
+    logits = tm.torch_logits(ref, prefix, row_px)[0, -1]
     top2 = np.sort(logits)[-2:]
     assert top2[1] - top2[0] < 1e-4, f"row {row} differs at column {col} with a clear margin"
 
@@ -76,7 +79,7 @@ def test_mixed_batch_matches_transformers_and_each_row_alone(pair):
     ids, mask = tm.left_pad([rows[k][0] for k in order])
     px = np.concatenate([pixels[k] for k in order if pixels[k] is not None])
     ours = model.generate(ids, px, mask, max_new_tokens=NEW)
-    agree(ours, torch_generate(ref, ids, mask, px, max_new_tokens=NEW), ref, (ids, mask, px))
+    agree(ours, torch_generate(ref, ids, mask, px, max_new_tokens=NEW), ref, (ids, mask, [pixels[k] for k in order]))
     for i, k in enumerate(order):
         one_ids, one_mask = tm.left_pad([rows[k][0]])
         alone = model.generate(one_ids, pixels[k], one_mask, max_new_tokens=NEW)

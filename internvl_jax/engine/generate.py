@@ -103,7 +103,7 @@ def _prefill_fn(module: InternVLModule) -> Callable:
     def prefill(params, ids, pixels, positions, kv_mask, cache, feature_rows):
         mask = slot_mask(jnp.arange(ids.shape[1]), kv_mask)
         logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, logits_to_keep=1,
-                                     feature_rows=feature_rows)
+                                     feature_rows=feature_rows, empty_cache=True)  # a prefill starts the cache
         return logits[:, -1], cache
 
     return jax.jit(prefill, donate_argnums=(5,))

@@ -185,13 +185,19 @@ class Decoder(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache."""
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                 empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache.
+
+        `empty_cache` (static): the cache holds nothing yet (slot 0, as for a prefill), so the layers attend to
+        this call's own keys only: scores [t, t] rather than [t, t + slots], and the cache is only written."""
         self.sow(HIDDEN, "input", x)
         rope = rope_tables(self.cfg, positions)
         slot = cache.slot if cache is not None else jnp.zeros((), jnp.int32)
-        x, (k, v) = self.layers(x, None if cache is None else (cache.k, cache.v), rope, mask, slot)
+        read = None if cache is None or empty_cache else (cache.k, cache.v)
+        if cache is not None and empty_cache:
+            mask = mask[:, :, : x.shape[1]]
+        x, (k, v) = self.layers(x, read, rope, mask, slot)
         if cache is not None:
             cache = KVCache(write_slots(cache.k, k, 0, slot), write_slots(cache.v, v, 0, slot), slot + x.shape[1])
         x = self.final_norm(x)

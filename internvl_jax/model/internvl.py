@@ -61,15 +61,15 @@ class InternVLModule(nn.Module):
         return features
 
     def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: jax.Array,
-                 cache: KVCache | None = None, logits_to_keep: int = 0, feature_rows: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, logits_to_keep: int = 0, feature_rows: jax.Array | None = None,
+                 empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
         """Logits [b, t or logits_to_keep, vocab] (float32) and the updated cache; `logits_to_keep` = 0 keeps
         every position; `feature_rows`: see `merge_image_features`."""
         x = self.text.embed(ids)
         if pixels is not None:
             x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id,
                                      feature_rows)
-        hidden, cache = self.text(x, positions, mask, cache)
+        hidden, cache = self.text(x, positions, mask, cache, empty_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         with jax.named_scope("lm_head"):
