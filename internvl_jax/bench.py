@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax.presets import preset
+from internvl_jax.presets import shape_of
 
 TEXT_TOKENS = 64
 BANDWIDTH_BYTES = 1 << 30  # well past the last-level cache
@@ -265,21 +265,12 @@ def plot(path: Path, results: dict[str, dict], title: str) -> None:
     img.save(path)
 
 
-def bench_config(name: str):
-    """A family preset (1B, 8B, ...) or a checkpoint directory's config.json (its shape only)."""
-    from internvl_jax.config import InternVLConfig
-
-    if Path(name, "config.json").is_file():
-        return InternVLConfig.from_pretrained(name)
-    return preset(name)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
     from internvl_jax.modeling import InternVL
 
-    config = bench_config(args.preset)
+    config = shape_of(args.preset)
     if args.layers:
         config = config.replace(text=dataclasses.replace(config.text, num_layers=args.layers))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

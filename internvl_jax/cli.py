@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 
@@ -111,7 +110,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.targets import parse_target
 
     target = parse_target(args.target)
-    config = _plan_config(args.preset)
+    from internvl_jax.presets import shape_of
+
+    config = shape_of(args.preset)
     sizes = parse_mesh_spec(args.mesh)
     mesh = {a: n for a, n in sizes.items() if n != 1}
     memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
@@ -130,14 +131,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(header)
         print(result.report())
     return 0 if result.fits in (None, True) else 1
-
-
-def _plan_config(name: str):
-    """A preset name, or a checkpoint directory (its config.json)."""
-    from internvl_jax.config import InternVLConfig
-    from internvl_jax.presets import preset
-
-    return InternVLConfig.from_pretrained(name) if Path(name).is_dir() else preset(name)
 
 
 def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, int], header: str) -> int:

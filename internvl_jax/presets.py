@@ -65,6 +65,13 @@ class UnknownPreset(KeyError, ValueError):
         return str(self.args[0])
 
 
+def shape_of(name: str) -> InternVLConfig:
+    """A preset name or size, or a checkpoint directory (its config.json: the shape only)."""
+    from pathlib import Path
+
+    return InternVLConfig.from_pretrained(name) if Path(name).is_dir() else preset(name)
+
+
 def preset(name: str) -> InternVLConfig:
     """A preset by full name ("InternVL3-8B", "InternVL2.5-26B") or InternVL3 size ("8B")."""
     full = ALIASES.get(name, name)
