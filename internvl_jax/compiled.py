@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from internvl_jax.config import InternVLConfig
 from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, _prefill_fn, bucket
-from internvl_jax.engine.step import slot_mask
+from internvl_jax.engine.step import step_mask
 from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.params import abstract_params, as_dtype, module_for
@@ -149,7 +149,7 @@ def decode_step(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtyp
     arg = functools.partial(_rows, mesh)
 
     def step(p: Params, tok: jax.Array, pos: jax.Array, kv_mask: jax.Array, cache: KVCache):
-        mask = slot_mask(cache.slot[None], kv_mask)
+        mask = step_mask(cache.slot, kv_mask)
         x = dec.apply({"params": p}, tok, method=Decoder.embed)
         hidden, cache = dec.apply({"params": p}, x, pos, mask, cache)
         return dec.apply({"params": p}, hidden, method=Decoder.logits), cache

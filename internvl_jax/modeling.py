@@ -21,18 +21,12 @@ from internvl_jax.engine import generate as engine
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.hub import resolve
 from internvl_jax.inputs import check_inputs, check_pixels
+from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.params import DTypeLike, Params, abstract_params, as_dtype, module_for, random_params
 from internvl_jax.sharding import param_shardings
 from internvl_jax.source import Source, load_params
-
-
-def causal_mask(attention_mask: jax.Array) -> jax.Array:
-    """[b, t] padding mask -> [b, t, t]: query i sees key j <= i that is not padding."""
-    t = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
 class InternVL:
@@ -156,7 +150,7 @@ def _positions(ids: np.ndarray, position_ids: Any) -> np.ndarray:
 def _logits_fn(module: InternVLModule, logits_to_keep: int) -> Callable:
     @jax.jit
     def run(params, ids, pixels, positions, mask):
-        return module.apply({"params": params}, ids, pixels, positions, causal_mask(mask),
+        return module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask),
                             logits_to_keep=logits_to_keep)[0]
     return run
 
@@ -165,7 +159,7 @@ def _logits_fn(module: InternVLModule, logits_to_keep: int) -> Callable:
 def _hidden_fn(module: InternVLModule) -> Callable:
     @jax.jit
     def run(params, ids, pixels, positions, mask):
-        (logits, _), sown = module.apply({"params": params}, ids, pixels, positions, causal_mask(mask),
+        (logits, _), sown = module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask),
                                          mutable=[HIDDEN])
         return logits, stage_outputs(sown[HIDDEN])
     return run
@@ -202,7 +196,7 @@ def _image_fn(module: InternVLModule) -> Callable:
 def _loss_fn(module: InternVLModule) -> Callable:
     @jax.jit
     def run(params, ids, pixels, positions, mask, labels):
-        logits = module.apply({"params": params}, ids, pixels, positions, causal_mask(mask))[0]
+        logits = module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask))[0]
         target = labels[:, 1:]
         valid = target != -100
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)

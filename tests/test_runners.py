@@ -114,11 +114,48 @@ def one_at_a_time(model, processor, messages):
 
 @pytest.fixture(scope="module")
 def reference(ckpt, prompts, tmp_path_factory):
-    """An uninterrupted in-process run (batch size 4): the output every other run must reproduce."""
+    """An uninterrupted in-process run on the slot engine with 3 slots (fewer than the records, so slots are
+    refilled): the output every other run must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "results.jsonl"
     assert cli_main(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out),
-                     "--batch-size", "4", "--window", "8", *OPTS]) == 0
+                     "--slots", "3", *OPTS]) == 0
     return out.read_bytes()
+
+
+def test_static_batches_give_the_same_answers(ckpt, prompts, reference, tmp_path):
+    """--slots 0: today's static batches (batch size 4, sorted in windows of 8) write the same file."""
+    out = tmp_path / "static.jsonl"
+    assert cli_main(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out),
+                     "--slots", "0", "--batch-size", "4", "--window", "8", *OPTS]) == 0
+    assert out.read_bytes() == reference
+
+
+def test_records_carry_their_own_generation_options(ckpt, model, tmp_path):
+    """A record's max_new_tokens / sampling settings / seed override the command's; a bad one fails alone."""
+    m, processor = model
+    records = [{"id": "short", "prompt": "Say something.", "max_new_tokens": 3},
+               {"id": "hot", "prompt": "Say something.", "temperature": "hot"},
+               {"id": "drawn", "prompt": "Name a color.", "do_sample": True, "temperature": 0.7, "top_k": 20,
+                "seed": 11},
+               {"id": "cold", "prompt": "Name a color.", "do_sample": True, "temperature": 0.0},
+               {"id": "plain", "prompt": "Name a color."}]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["batch", "--model", str(ckpt), "--input", str(data), "--output", str(out), "--slots", "2",
+                     *OPTS]) == 0
+    lines = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert lines["short"]["new_tokens"] <= 3 and lines["plain"]["new_tokens"] > 3
+    assert "field 'temperature' must be int or float, got 'hot'" in lines["hot"]["error"]
+    assert "field 'temperature' must be > 0 when do_sample=True" in lines["cold"]["error"]
+    user = [{"role": "user", "content": [{"type": "text", "text": "Name a color."}]}]
+    inputs = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = inputs["input_ids"]
+    drawn = m.generate(ids, None, inputs["attention_mask"], max_new_tokens=NEW, do_sample=True, temperature=0.7,
+                       top_k=20, seed=11)[0, ids.shape[1]:]
+    eos = set(m.generation_config.eos_token_id)
+    end = next((i for i, t in enumerate(drawn) if int(t) in eos), len(drawn) - 1)
+    assert lines["drawn"]["token_ids"] == [int(t) for t in drawn[: end + 1]]
 
 
 def test_batch_equals_one_record_at_a_time(model, prompts, reference):

@@ -30,8 +30,10 @@ from jax.sharding import Mesh
 from internvl_jax.config import InternVLConfig
 from internvl_jax.engine import layer_loop
 from internvl_jax.engine.sampling import SamplingConfig
-from internvl_jax.engine.step import DecodeState, advanced, choose_next, slot_mask
+from internvl_jax.engine.step import DecodeState, advanced, choose_next
+from internvl_jax.engine.vision import image_features
 from internvl_jax.inputs import ModelInputs
+from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.decoder import KVCache
 from internvl_jax.model.internvl import InternVLModule, feature_rows
 from internvl_jax.sharding import batch_sharding, cache_shardings
@@ -101,9 +103,11 @@ def max_length(cfg: InternVLConfig) -> int:
 @functools.lru_cache(maxsize=8)
 def _prefill_fn(module: InternVLModule) -> Callable:
     def prefill(params, ids, pixels, positions, kv_mask, cache, feature_rows):
-        mask = slot_mask(jnp.arange(ids.shape[1]), kv_mask)
-        logits, cache = module.apply({"params": params}, ids, pixels, positions, mask, cache, logits_to_keep=1,
-                                     feature_rows=feature_rows, empty_cache=True)  # a prefill starts the cache
+        features = None if pixels is None else image_features(module, params, pixels)
+        # A prefill starts the cache (slot 0): its layers read no cached key, only the prompt's own.
+        mask = KeyMask(jnp.zeros(ids.shape[:1], jnp.int32), kv_mask, kv_mask[:, : ids.shape[1]])
+        logits, cache = module.apply({"params": params}, ids, None, positions, mask, cache, logits_to_keep=1,
+                                     feature_rows=feature_rows, features=features)
         return logits[:, -1], cache
 
     return jax.jit(prefill, donate_argnums=(5,))

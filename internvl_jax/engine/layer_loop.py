@@ -26,6 +26,7 @@ import numpy as np
 from internvl_jax.config import TextConfig
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.engine.step import DecodeState, advanced, choose_next
+from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.decoder import DecoderLayer, KVCache, rope_tables, write_slots
 from internvl_jax.model.internvl import InternVLModule
 
@@ -59,15 +60,14 @@ def layer_views(layers: Params, num_layers: int) -> list[Params] | None:
 
 @functools.lru_cache(maxsize=8)
 def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
-    """`size` layers from layer `first` on: they read their slices of the whole cache (not donated) and return
-    the hidden states and their new keys and values [size, b, t, k, h], which `_write_fn` stores."""
+    """`size` layers from layer `first` on: they read the whole cache in place (not donated) and return the
+    hidden states and their new keys and values [size, b, t, k, h], which `_write_fn` stores."""
     layer = DecoderLayer(cfg, param_dtype)
 
-    def run(group: tuple[Params, ...], first, x, k, v, rope, mask, slot):
+    def run(group: tuple[Params, ...], first, x, k, v, rope, mask: KeyMask):
         new = []
         for j, p in enumerate(group):
-            own = tuple(jax.lax.dynamic_index_in_dim(a, first + j, keepdims=False) for a in (k, v))
-            x, kv = layer.apply({"params": p}, x, own, rope, mask, slot)
+            x, kv = layer.apply({"params": p}, x, first + j, (k, v, None), rope, mask)
             new.append(kv)
         return x, jnp.stack([kv[0] for kv in new]), jnp.stack([kv[1] for kv in new])
 
@@ -77,10 +77,11 @@ def _group_fn(cfg: TextConfig, param_dtype: jnp.dtype, size: int) -> Callable:
 @functools.lru_cache(maxsize=1)
 def _write_fn() -> Callable:
     """Every layer's new keys and values into the donated cache, in place: a program of its own, because one
-    that also reads the cache lets XLA:CPU copy the whole cache rather than order the reads before the write."""
+    that also reads the cache lets XLA:CPU copy the whole cache rather than order the reads before the write.
+    `slot`: a scalar, or one per row (`write_slots`)."""
 
     def write(k, v, new_k: tuple[jax.Array, ...], new_v: tuple[jax.Array, ...], slot):
-        return (write_slots(k, jnp.concatenate(new_k), 0, slot), write_slots(v, jnp.concatenate(new_v), 0, slot))
+        return write_slots(k, jnp.concatenate(new_k), slot), write_slots(v, jnp.concatenate(new_v), slot)
 
     return jax.jit(write, donate_argnums=(0, 1))
 
@@ -106,18 +107,42 @@ def _end_fn(module: InternVLModule) -> Callable:
     return jax.jit(end, donate_argnums=(1,))
 
 
-def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) -> Callable | None:
-    """A `decode(params, cache, state, limit) -> (cache, state)` that loops on the host, or None when views are
-    not possible."""
+def host_layers(module: InternVLModule, params: Params) -> Callable | None:
+    """`run(x, rope, mask, k, v, slot) -> (x, k, v)`: every decoder layer on one token step, the host calling
+    the layer groups on views of the stacked weights, then the write of the new keys into the donated cache at
+    `slot` (a scalar or one per row). None when views are not possible (use the on-device loop there)."""
     cfg = module.cfg.text
     views = layer_views(params["text"]["layers"], cfg.num_layers)
     if views is None:
         return None
     size = group_size(cfg.num_layers)
     groups = [(np.int32(first), tuple(views[first:first + size])) for first in range(0, cfg.num_layers, size)]
-    text = {k: v for k, v in params["text"].items() if k != "layers"}
-    run_group, begin, end = _group_fn(cfg, module.param_dtype, size), _begin_fn(module, sampling), _end_fn(module)
-    write = _write_fn()
+    run_group, write = _group_fn(cfg, module.param_dtype, size), _write_fn()
+
+    def run(x, rope, mask: KeyMask, k, v, slot):
+        new_k, new_v = [], []
+        for first, group in groups:
+            x, nk, nv = run_group(group, first, x, k, v, rope, mask)
+            new_k.append(nk)
+            new_v.append(nv)
+        k, v = write(k, v, tuple(new_k), tuple(new_v), slot)
+        return x, k, v
+
+    return run
+
+
+def text_params(params: Params) -> Params:
+    """The decoder's parameters other than the layer stack (embedding, final norm, head)."""
+    return {k: v for k, v in params["text"].items() if k != "layers"}
+
+
+def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) -> Callable | None:
+    """A `decode(params, cache, state, limit) -> (cache, state)` that loops on the host, or None when views are
+    not possible."""
+    layers = host_layers(module, params)
+    if layers is None:
+        return None
+    text, begin, end = text_params(params), _begin_fn(module, sampling), _end_fn(module)
 
     def decode(_params: Params, cache: KVCache, st: DecodeState, limit: int) -> tuple[KVCache, DecodeState]:
         step = int(np.asarray(st.step))
@@ -128,12 +153,7 @@ def decoder(module: InternVLModule, params: Params, sampling: SamplingConfig) ->
         # queues the next step while this one runs.
         while step < limit and not bool(finished):
             st, x, rope, mask, finished = begin(text, st, np.int32(slot))
-            new_k, new_v = [], []
-            for first, group in groups:
-                x, nk, nv = run_group(group, first, x, k, v, rope, mask, np.int32(slot))
-                new_k.append(nk)
-                new_v.append(nv)
-            k, v = write(k, v, tuple(new_k), tuple(new_v), np.int32(slot))
+            x, k, v = layers(x, rope, mask, k, v, np.int32(slot))
             st = end(text, st, x)
             step, slot = step + 1, slot + 1
         return KVCache(k, v, jnp.int32(slot)), st

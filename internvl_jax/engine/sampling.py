@@ -136,3 +136,58 @@ def choose(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, seen: jax.Arr
     if cfg.top_p < 1.0:
         logits = top_p_filter(logits, cfg.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RowSampling:
+    """Each row's own settings as arrays: the slot engine's rows belong to different requests."""
+
+    sample: jax.Array  # [R] bool: do_sample
+    temperature: jax.Array  # [R] float32 (1 where greedy)
+    top_k: jax.Array  # [R] int32, 0: off
+    top_p: jax.Array  # [R] float32
+    penalty: jax.Array  # [R] float32
+
+    @staticmethod
+    def values(cfg: SamplingConfig) -> tuple[bool, float, int, float, float]:
+        """One row's entries, in field order."""
+        return (cfg.do_sample, cfg.temperature if cfg.do_sample else 1.0, cfg.top_k, cfg.top_p,
+                cfg.repetition_penalty)
+
+    @classmethod
+    def idle(cls, rows: int) -> RowSampling:
+        return cls(jnp.zeros((rows,), bool), jnp.ones((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
+                   jnp.ones((rows,), jnp.float32), jnp.ones((rows,), jnp.float32))
+
+
+def features_of(cfg: SamplingConfig) -> tuple[bool, bool, bool, bool]:
+    """Which parts of `choose` a request needs: (sampling, top-k, top-p, repetition penalty). The slot engine
+    compiles its step for the union over its busy rows, so greedy rows pay for no sort."""
+    return cfg.do_sample, cfg.do_sample and cfg.top_k > 0, cfg.do_sample and cfg.top_p < 1.0, \
+        cfg.repetition_penalty != 1.0
+
+
+def choose_rows(logits: jax.Array, keys: jax.Array, rs: RowSampling, seen: jax.Array,
+                features: tuple[bool, bool, bool, bool]) -> tuple[jax.Array, jax.Array]:
+    """`choose` for rows with their own settings and keys: logits [R, v], raw keys [R, 2] -> (tokens [R], keys).
+
+    Each row's key is split as `generate` splits its own, and its draw uses that row's key alone, so a request
+    samples the same tokens whatever shares the batch (and as `generate` does for it alone)."""
+    sample, with_top_k, with_top_p, with_penalty = features
+    split = jax.vmap(jax.random.split)(keys)
+    keys, sub = split[:, 0], split[:, 1]
+    if with_penalty:
+        logits = apply_repetition_penalty(logits, seen, rs.penalty[:, None])
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not sample:
+        return greedy, keys
+    scaled = logits / rs.temperature[:, None]
+    if with_top_k:
+        descending = -jnp.sort(-scaled, axis=-1)
+        kth = jnp.take_along_axis(descending, jnp.clip(rs.top_k - 1, 0, scaled.shape[-1] - 1)[:, None], axis=-1)
+        scaled = jnp.where((rs.top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+    if with_top_p:
+        scaled = top_p_filter(scaled, rs.top_p[:, None])
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(sub, scaled)
+    return jnp.where(rs.sample, drawn.astype(jnp.int32), greedy), keys

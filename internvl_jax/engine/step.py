@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from internvl_jax.engine.sampling import SamplingConfig, choose
+from internvl_jax.model.attention import KeyMask
 
 
 @jax.tree_util.register_dataclass
@@ -25,17 +26,18 @@ class DecodeState:
     seen: jax.Array  # [b, v] bool: ids seen so far (repetition penalty), or [b, 0] when the penalty is off
 
 
-def slot_mask(query_slots: jax.Array, kv_mask: jax.Array) -> jax.Array:
-    """[t] query slots, [b, s] valid keys -> [b, t, s]: causal over slots, padding masked."""
-    s = kv_mask.shape[1]
-    return (jnp.arange(s)[None, None, :] <= query_slots[None, :, None]) & kv_mask[:, None, :]
+def step_mask(slot: jax.Array, kv_mask: jax.Array) -> KeyMask:
+    """The keys of one decode step of every row, written at the shared `slot`: the cache's real tokens before it
+    (`kv_mask` [b, s]) and the step's own token."""
+    b = kv_mask.shape[0]
+    return KeyMask(jnp.broadcast_to(slot, (b,)).astype(jnp.int32), kv_mask, jnp.ones((b, 1), bool))
 
 
 def choose_next(st: DecodeState, slot: jax.Array, sampling: SamplingConfig
                 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """One step's bookkeeping before the forward pass: pick each row's next token from `st.logits`, record it
     (tokens, done, seen) and open cache `slot`, where its key and value go. Returns the state, the tokens [b] and
-    the attention mask [b, 1, s] of the forward pass."""
+    the key mask of the forward pass."""
     eos = jnp.asarray(sampling.eos_token_id or (-1,), jnp.int32)
     key, sub = jax.random.split(st.key)
     tok = choose(st.logits, sub, sampling, st.seen if st.seen.shape[1] else None)
@@ -45,7 +47,7 @@ def choose_next(st: DecodeState, slot: jax.Array, sampling: SamplingConfig
     seen = st.seen.at[jnp.arange(tok.shape[0]), tok].set(True) if st.seen.shape[1] else st.seen
     kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((tok.shape[0], 1), bool), (0, slot))
     st = dataclasses.replace(st, kv_mask=kv_mask, tokens=tokens, done=done, key=key, seen=seen)
-    return st, tok, slot_mask(slot[None], kv_mask)
+    return st, tok, step_mask(slot, kv_mask)
 
 
 def advanced(st: DecodeState, logits: jax.Array) -> DecodeState:

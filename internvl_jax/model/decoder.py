@@ -4,9 +4,9 @@ Dimension names in einsum strings: b batch, t query positions, s key slots, d wi
 k KV heads, g query heads per KV head, h head_dim, f MLP width, v vocabulary.
 
 The cache is a plain pytree passed in and returned (never a mutable collection): `KVCache` holds
-`k`/`v` of shape [layers, batch, slots, kv_heads, head_dim]. A call writes its T new keys from slot
-`slot` on and attends over all slots allowed by `mask` ([b, t, s] booleans built by the caller), so
-prefill, decode and a plain forward without cache all run the same layer code.
+`k`/`v` of shape [layers, rows, slots, kv_heads, head_dim]. A call writes its T new keys from each row's start
+slot on and attends as its `KeyMask` says (`model.attention`), so prefill, decode, a chunk of a long prompt and
+a plain forward without cache all run the same layer code.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from internvl_jax.config import TextConfig
+from internvl_jax.model.attention import CachedKeys, KeyMask, attention
 from internvl_jax.model.layers import HIDDEN, Dense, RMSNorm, activation, weight
 
 
@@ -30,23 +31,25 @@ class KVCache(NamedTuple):
 
     k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
     v: jax.Array  # same
-    slot: jax.Array  # int32 scalar: the slot the next token's key and value are written to
+    # int32: the slot the next token's key and value are written to; a scalar when every row writes at the same
+    # slot (`generate`: left padded rows), [rows] when each row has its own length (the slot engine)
+    slot: jax.Array
 
-    AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")  # of k and v; `slot` is a replicated scalar
+    AXES = ("layers", "batch", "cache_slots", "kv_heads", "head_dim")  # of k and v; `slot` is replicated
 
     @staticmethod
     def shape(cfg: TextConfig, batch: int, slots: int) -> tuple[int, ...]:
         return (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
 
     @classmethod
-    def abstract(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
-        """The cache as ShapeDtypeStructs (nothing allocated)."""
+    def abstract(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype, per_row: bool = False) -> KVCache:
+        """The cache as ShapeDtypeStructs (nothing allocated); `per_row`: a slot for each row."""
         kv = jax.ShapeDtypeStruct(cls.shape(cfg, batch, slots), jnp.dtype(dtype))
-        return cls(kv, kv, jax.ShapeDtypeStruct((), jnp.int32))
+        return cls(kv, kv, jax.ShapeDtypeStruct((batch,) if per_row else (), jnp.int32))
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.abstract(cfg, batch, slots, dtype))
+    def zeros(cls, cfg: TextConfig, batch: int, slots: int, dtype: jnp.dtype, per_row: bool = False) -> KVCache:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.abstract(cfg, batch, slots, dtype, per_row))
 
 
 def rope_frequencies(cfg: TextConfig, positions: jax.Array) -> jax.Array:
@@ -80,46 +83,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attend(q: jax.Array, blocks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """Grouped-query attention over blocks of keys, one softmax across all of them.
-
-    q [b,t,k,g,h]; each block is (k [b,s,k,h], v [b,s,k,h], mask [b,t,s]) -> [b,t,k,g,h]. With a cache the blocks
-    are the cache as it was and this call's new keys: the cache is read where it lies and never rewritten
-    inside the layer (see `DecoderLayer`)."""
-    scale = q.shape[-1] ** -0.5
-    # A finite minimum (not -inf) keeps fully masked rows (left padding) finite: they become uniform.
-    scores = [jnp.where(m[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * scale,
-                        jnp.finfo(jnp.float32).min) for k, _, m in blocks]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
-    bounds = [0]
-    for k, _, _ in blocks:
-        bounds.append(bounds[-1] + k.shape[1])
-    return sum(jnp.einsum("bkgts,bskh->btkgh", probs[..., lo:hi], v)
-               for (_, v, _), lo, hi in zip(blocks, bounds, bounds[1:], strict=False))
-
-
-def cached_blocks(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  slot: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    """The two key blocks of a call that writes its T new keys at slots [slot, slot + T): the cache (without
-    those slots, which still hold stale values) and the new keys, masked as `mask` [b,t,s] says."""
-    t, s = k.shape[1], k_cache.shape[1]
-    cols = jnp.arange(s)
-    stale = (cols >= slot) & (cols < slot + t)
-    new_mask = jax.lax.dynamic_slice_in_dim(mask, slot, t, axis=2)
-    return [(k_cache, v_cache, mask & ~stale), (k, v, new_mask)]
-
-
 class DecoderLayer(nn.Module):
     cfg: TextConfig
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array] | None, rope: tuple[jax.Array, jax.Array],
-                 mask: jax.Array, slot: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Hidden [b,t,d] and this layer's cache (k, v [b,s,k,h], or None) -> hidden, this call's new (k, v).
+    def __call__(self, x: jax.Array, layer: jax.Array, cache: tuple[jax.Array, jax.Array, jax.Array | None] | None,
+                 rope: tuple[jax.Array, jax.Array], mask: KeyMask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Hidden [b,t,d] -> hidden, this call's new (k, v) [b,t,k,h]. `cache`: the whole stacked cache (k, v
+        [L,rows,s,k,h]) and the cache row of each query row (None: row i is cache row i), or None; `layer`: this
+        layer's index in it.
 
-        The layer only reads its cache; the caller writes the returned keys and values at `slot` once for all
-        layers. Writing them here (the cache in the scan carry, updated in place) made XLA:TPU keep the carried
+        The layer only reads the cache; the caller writes the returned keys and values once for all layers.
+        Writing them here (the cache in the scan carry, updated in place) made XLA:TPU keep the carried
         cache in a slot-major layout for the update and copy the whole cache in and out of the loop and each
         layer's slice to the attention's slot-minor layout: 7x the cache's bytes a decode step (docs/tpu.md)."""
         c, pd = self.cfg, self.param_dtype
@@ -136,13 +112,11 @@ class DecoderLayer(nn.Module):
             if cache is not None:  # the cache's dtype: the new keys attend exactly as they will be stored
                 k, v = k.astype(cache[0].dtype), v.astype(cache[1].dtype)
             new = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-            blocks = [(k, v, mask)] if cache is None else cached_blocks(
-                cache[0].astype(q.dtype), cache[1].astype(q.dtype), k, v, mask, slot)
+            cached = None if cache is None else CachedKeys(cache[0], cache[1], layer, cache[2])
             q = q.reshape(b, t, c.num_kv_heads, c.groups, c.head_dim)
-            out = attend(q, blocks).reshape(b, t, c.num_heads, c.head_dim)
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cached)
             x = x + Dense((c.hidden_size,), ("heads", "head_dim", "embed"), c.o_bias, n_in=2, param_dtype=pd,
-                          name="o")(out)
+                          name="o")(out.reshape(b, t, c.num_heads, c.head_dim))
         with jax.named_scope("mlp"):
             y = RMSNorm(c.rms_norm_eps, "embed", pd, name="mlp_norm")(x)
             gate = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="gate")(y)
@@ -153,10 +127,19 @@ class DecoderLayer(nn.Module):
         return x, new
 
 
-def write_slots(cache_kv: jax.Array, new: jax.Array, first_layer: jax.Array | int, slot: jax.Array) -> jax.Array:
-    """Stacked cache [L,b,s,k,h] with new keys [l,b,t,k,h] written at layers first_layer.., slots slot.. (in place
-    when the cache is donated)."""
-    return jax.lax.dynamic_update_slice(cache_kv, new.astype(cache_kv.dtype), (first_layer, 0, slot, 0, 0))
+def write_slots(cache_kv: jax.Array, new: jax.Array, slot: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Stacked cache [L,R,s,k,h] with new keys [L,b,t,k,h] written from slot `slot` on (in place when the cache is
+    donated). `slot`: a scalar (every row, rows 0..b-1) or [b] (row i from slot[i], into cache row rows[i], or i).
+
+    Per-row writes are b contiguous updates rather than one scatter: each stays a cheap in-place copy on every
+    backend."""
+    new = new.astype(cache_kv.dtype)
+    if slot.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache_kv, new, (0, 0, slot, 0, 0))
+    for i in range(new.shape[1]):
+        row = i if rows is None else rows[i]
+        cache_kv = jax.lax.dynamic_update_slice(cache_kv, new[:, i:i + 1], (0, row, slot[i], 0, 0))
+    return cache_kv
 
 
 class Decoder(nn.Module):
@@ -173,7 +156,8 @@ class Decoder(nn.Module):
             DecoderLayer,
             variable_axes={"params": 0, HIDDEN: 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # each layer's cache; rope, mask, slot shared
+            # each layer's index; the cache (read in place, by index), rope and mask shared
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.param_dtype, name="layers")
@@ -185,21 +169,20 @@ class Decoder(nn.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-                 empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: KeyMask, cache: KVCache | None = None,
+                 rows: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Embedded inputs [b, t, d] -> final hidden states [b, t, d] (after the last norm), new cache.
 
-        `empty_cache` (static): the cache holds nothing yet (slot 0, as for a prefill), so the layers attend to
-        this call's own keys only: scores [t, t] rather than [t, t + slots], and the cache is only written."""
+        With a cache the call's tokens are written from `mask.start` on (a scalar `cache.slot` moves by t; a
+        per-row one is left to the caller, who knows the real lengths), into cache rows `rows` (None: 0..b-1)."""
         self.sow(HIDDEN, "input", x)
         rope = rope_tables(self.cfg, positions)
-        slot = cache.slot if cache is not None else jnp.zeros((), jnp.int32)
-        read = None if cache is None or empty_cache else (cache.k, cache.v)
-        if cache is not None and empty_cache:
-            mask = mask[:, :, : x.shape[1]]
-        x, (k, v) = self.layers(x, read, rope, mask, slot)
+        read = None if cache is None else (cache.k, cache.v, rows)
+        x, (k, v) = self.layers(x, jnp.arange(self.cfg.num_layers), read, rope, mask)
         if cache is not None:
-            cache = KVCache(write_slots(cache.k, k, 0, slot), write_slots(cache.v, v, 0, slot), slot + x.shape[1])
+            slot = cache.slot if cache.slot.ndim == 0 else mask.start
+            cache = KVCache(write_slots(cache.k, k, slot, rows), write_slots(cache.v, v, slot, rows),
+                            cache.slot + x.shape[1] if cache.slot.ndim == 0 else cache.slot)
         x = self.final_norm(x)
         self.sow(HIDDEN, "normed", x)
         return x, cache

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import InternVLConfig
+from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.projector import Projector, tokens_from_patches
@@ -60,21 +61,24 @@ class InternVLModule(nn.Module):
         self.sow(HIDDEN, "projected", features)
         return features
 
-    def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: jax.Array,
+    def __call__(self, ids: jax.Array, pixels: jax.Array | None, positions: jax.Array, mask: KeyMask,
                  cache: KVCache | None = None, logits_to_keep: int = 0, feature_rows: jax.Array | None = None,
-                 empty_cache: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 rows: jax.Array | None = None, features: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """Logits [b, t or logits_to_keep, vocab] (float32) and the updated cache; `logits_to_keep` = 0 keeps
-        every position; `feature_rows`: see `merge_image_features`."""
+        every position; `feature_rows`: see `merge_image_features`; `features`: image features computed
+        beforehand (`image_features`, in groups of tiles) instead of `pixels`; `rows`: see `Decoder`."""
         x = self.text.embed(ids)
         if pixels is not None:
-            x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id,
-                                     feature_rows)
-        hidden, cache = self.text(x, positions, mask, cache, empty_cache)
+            features = self.image_features(pixels)
+        if features is not None:
+            x = merge_image_features(x, ids, features, self.cfg.image_token_id, feature_rows)
+        hidden, cache = self.text(x, positions, mask, cache, rows)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         with jax.named_scope("lm_head"):
             return self.text.logits(hidden).astype(jnp.float32), cache
 
     def init_all(self, ids: jax.Array, pixels: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """Touches every parameter (used only to build the parameter tree)."""
-        return self(ids, pixels, positions, mask)[0]
+        """Touches every parameter (used only to build the parameter tree); mask [b, t] marks real tokens."""
+        return self(ids, pixels, positions, KeyMask.uncached(mask))[0]

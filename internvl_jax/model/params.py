@@ -44,7 +44,7 @@ def _init(module: InternVLModule, key: jax.Array) -> Params:
     ids = jnp.zeros((1, 4), jnp.int32)
     pixels = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), module.param_dtype)
     positions = jnp.zeros((1, 4), jnp.int32)
-    mask = jnp.ones((1, 4, 4), bool)
+    mask = jnp.ones((1, 4), bool)
     return module.init(key, ids, pixels, positions, mask, method=InternVLModule.init_all)["params"]
 
 

@@ -12,6 +12,8 @@ result line with `error` set; a failing batch is retried one row at a time so on
 
 from __future__ import annotations
 
+import collections
+import itertools
 import sys
 import time
 import traceback
@@ -31,6 +33,8 @@ GenerateFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class RunOptions:
+    slots: int = 16  # decode slots of the continuous-batching engine; 0: static batches of batch_size
+    cache_len: int = 4096  # KV cache slots of each decode slot: the longest prompt + answer
     batch_size: int = 8
     window: int = 0  # records encoded and sorted together; 0 means 4 batches
     generation: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments of model.generate
@@ -43,6 +47,8 @@ class RunOptions:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 0, got {self.slots}")
 
     @property
     def window_size(self) -> int:
@@ -180,6 +186,8 @@ def windows(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
 def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: PartWriter, opts: RunOptions,
               generate: GenerateFn | None = None) -> Stats:
     """Answer `pending` (this process's records not yet done) and append their result lines to `writer`."""
+    if opts.slots and generate is None:
+        return run_slots(model, processor, pending, writer, opts)
     sampling = model.generation_config.update(**opts.generation)
     eos = frozenset(sampling.eos_token_id)
     pad = sampling.pad_id
@@ -233,3 +241,87 @@ def _progress(total: int, enabled: bool) -> Any:
 
     # tqdm's own rate is records/s and its ETA follows from it; tokens/s and failures go in the postfix.
     return tqdm(total=total, unit="rec", file=sys.stderr, disable=not enabled, dynamic_ncols=True, smoothing=0.3)
+
+
+# ----- continuous batching -----
+def record_sampling(base: Any, request: Request) -> Any:
+    """The record's settings over the command's. A record without its own seed gets one derived from the run's
+    seed and its row, so sampled records differ from each other and a resumed or sharded run draws the same."""
+    options = dict(request.generation)
+    options.setdefault("seed", (base.seed * 1_000_003 + request.row) % 2**31)
+    return base.update(**options)
+
+
+def encoded_ahead(pool: ThreadPoolExecutor, requests: Sequence[Request], encode_one: Callable, ahead: int
+                  ) -> Iterator[Encoded | dict]:
+    """Encodings in order, `ahead` records encoded in the background before they are asked for."""
+    futures: collections.deque = collections.deque()
+    source = iter(requests)
+    for r in itertools.islice(source, ahead):
+        futures.append(pool.submit(encode_one, r))
+    while futures:
+        done = futures.popleft().result()
+        following = next(source, None)
+        if following is not None:
+            futures.append(pool.submit(encode_one, following))
+        yield done
+
+
+def run_slots(model: Any, processor: Any, pending: Sequence[Request], writer: PartWriter, opts: RunOptions
+              ) -> Stats:
+    """`run_share` on the slot engine: a record enters a decode slot as soon as one frees, its result line is
+    written when it ends (completion order; the merge restores input order)."""
+    from internvl_jax.engine import slots as engine_slots
+
+    base = model.generation_config.update(**opts.generation)
+    engine = engine_slots.SlotEngine(model.module, model.params, slots=opts.slots, cache_len=opts.cache_len,
+                                     mesh=model.mesh)
+    room = min(max_length(model.config), engine.cache_len)
+    stats, start = Stats(), time.perf_counter()
+    bar = _progress(len(pending), opts.progress)
+    by_row: dict[int, Encoded] = {}
+
+    def emit(rows: list[dict[str, Any]]) -> None:
+        writer.write([result_line(r) for r in rows])
+        stats.records += len(rows)
+        stats.failed += sum(r["error"] is not None for r in rows)
+        stats.prompt_tokens += sum(r["prompt_tokens"] or 0 for r in rows if r["error"] is None)
+        stats.new_tokens += sum(r["new_tokens"] for r in rows)
+        stats.seconds = time.perf_counter() - start
+        bar.update(len(rows))
+        bar.set_postfix_str(f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f} tok/s, {engine.busy}/{opts.slots} "
+                            f"slots busy, {stats.failed} failed", refresh=False)
+
+    def encode_one(req: Request) -> Encoded | dict:
+        try:
+            sampling = record_sampling(base, req)
+        except ValueError as e:
+            return result(req, error=f"{req.label()}: {e}")
+        return encode(processor, req, opts.template, room - sampling.max_new_tokens)
+
+    def engine_requests(pool: ThreadPoolExecutor) -> Iterator[engine_slots.Request]:
+        for enc in encoded_ahead(pool, pending, encode_one, max(opts.slots, 4)):
+            if isinstance(enc, dict):
+                emit([enc])
+                continue
+            by_row[enc.request.row] = enc
+            yield engine_slots.Request(id=enc.request.row, ids=enc.ids, pixels=enc.pixels,
+                                       sampling=record_sampling(base, enc.request))
+
+    def finished(c: engine_slots.Completion) -> dict[str, Any]:
+        enc = by_row.pop(c.id)
+        if c.error is not None:
+            return result(enc.request, prompt_tokens=c.prompt_tokens, error=f"{enc.request.label()}: {c.error}")
+        tokens = list(c.tokens)
+        return result(enc.request, text=processor.decode(tokens, skip_special_tokens=True),
+                      prompt_tokens=c.prompt_tokens, new_tokens=len(tokens), finish_reason=c.finish_reason,
+                      token_ids=tokens if opts.save_token_ids else None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+            for completion in engine.run(engine_requests(pool)):
+                emit([finished(completion)])
+    finally:  # also on Ctrl-C: the bar's line ends before the interrupt message
+        bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats

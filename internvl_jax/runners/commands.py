@@ -55,6 +55,8 @@ def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: 
     fp = {"kind": kind, "model": str(directory.resolve()), "dtype": args.dtype, "records": len(requests),
           "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
           "system": args.system, "save_token_ids": args.save_token_ids}
+    if sampling.do_sample:  # the slot engine seeds each record by its row; static batches draw per batch
+        fp["engine"] = "slots" if getattr(args, "slots", 0) else "static"
     return json.loads(json.dumps(fp))  # as it reads back from the file (tuples become lists)
 
 
@@ -114,12 +116,13 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
         from internvl_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    if args.do_sample:
+    if args.do_sample and not args.slots:
         print("internvl-jax: note: sampled answers depend on which rows share a batch, so a resumed or sharded "
               "run is not token-identical to an uninterrupted one (greedy runs are)", file=sys.stderr)
     model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
     processor = InternVLProcessor.from_pretrained(directory)
-    opts = RunOptions(batch_size=args.batch_size, window=args.window, generation=generation_kwargs(args),
+    opts = RunOptions(slots=args.slots, cache_len=args.cache_len, batch_size=args.batch_size, window=args.window,
+                      generation=generation_kwargs(args),
                       template=template_kwargs(args), save_token_ids=args.save_token_ids,
                       progress=not args.no_progress)
     with shards.PartWriter(part) as writer:
@@ -250,9 +253,16 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
                                             "(default: the data file's directory)")
     p.add_argument("--model", help="checkpoint directory (or a hub id); not needed with --merge-only")
     p.add_argument("--save-token-ids", action="store_true", help="also write each answer's token ids")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
+    p.add_argument("--slots", type=int, default=16,
+                   help="decode slots of the continuous-batching engine: a record starts as soon as one frees "
+                        "(default 16; 0: static batches of --batch-size)")
+    p.add_argument("--cache-len", type=int, default=4096,
+                   help="KV cache slots per decode slot: the longest prompt + answer a record may have (default "
+                        "4096)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --slots 0: rows per generate call (default 8)")
     p.add_argument("--window", type=int, default=0,
-                   help="records encoded and sorted by length/tiles together (default 4 x batch size)")
+                   help="with --slots 0: records encoded and sorted by length/tiles together (default 4 x batch "
+                        "size)")
     p.add_argument("--system", help="system message for every record")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
     p.add_argument("--max-patches", type=int, default=None, help="most tiles per image (processor default 12)")
@@ -272,5 +282,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_generation_arguments(args)  # --temperature inf, --num-frames 0, ...: named before anything loads
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.slots < 0:
+        raise ValueError(f"--slots must be 0 (static batches) or more, got {args.slots}")
+    if args.cache_len < 16:
+        raise ValueError(f"--cache-len must be at least 16, got {args.cache_len}")
     if args.window < 0:
         raise ValueError(f"--window must be 0 (4 x batch size) or more, got {args.window}")

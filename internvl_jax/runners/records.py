@@ -16,7 +16,7 @@ import csv
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Request:
     where: str  # "line 7" / "row 7": for messages
     conversation: list[dict] | None = None
     error: str | None = None
+    # The record's own generation options (RECORD_OPTIONS), over the command's; used by the slot engine.
+    generation: Mapping[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
         return f"record {self.id!r} ({self.where})" if self.id is not None else f"record at {self.where}"
@@ -131,6 +133,33 @@ def conversation_from_fields(obj: Mapping[str, Any], base: Path) -> list[dict]:
     return messages
 
 
+# Generation options a `batch` record may carry, with their JSON types.
+RECORD_OPTIONS: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,), "temperature": (int, float), "top_p": (int, float), "top_k": (int,),
+    "seed": (int,), "do_sample": (bool,)}
+
+
+def record_generation(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's generation options, checked as `SamplingConfig` checks the command's; ValueError names the
+    field."""
+    from internvl_jax.engine.sampling import SamplingConfig
+
+    options = {}
+    for key, kinds in RECORD_OPTIONS.items():
+        if key not in obj or obj[key] is None:
+            continue
+        value = obj[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        options[key] = value
+    try:
+        SamplingConfig(do_sample=bool(options.get("do_sample", False))).update(**options)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise ValueError(f"field {name!r} {rest}") from None
+    return options
+
+
 def read_prompts(path: str | Path) -> list[Request]:
     """Every record of a JSONL prompt file, in order."""
     path = Path(path)
@@ -156,10 +185,11 @@ def read_prompts(path: str | Path) -> list[Request]:
         seen[key] = number
         try:
             conversation = conversation_from_fields(obj, path.parent)
+            generation = record_generation(obj)
         except ValueError as e:
             requests.append(Request(row, rid, where, error=f"{req.label()}: {e}"))
             continue
-        requests.append(Request(row, rid, where, conversation))
+        requests.append(Request(row, rid, where, conversation, generation=generation))
     return requests
 
 

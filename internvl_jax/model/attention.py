@@ -1,0 +1,152 @@
+"""Grouped-query attention computed blockwise: an online softmax over blocks of keys, in pure JAX.
+
+This is the reference path every backend runs; accelerator kernels replace `attention` behind the same
+arguments. Nothing of size queries x all keys is ever formed: scores exist one [query block, key block] tile
+at a time, so memory is linear in the sequence, and the keys already in the cache are read only up to the
+last filled slot (`KeyMask.start`): a decode step's reads follow the real lengths, not the cache's size.
+
+Which key a query sees is described, not materialised ([b, t, s] booleans would be quadratic):
+- cached keys: slot j of the query row's cache row, visible when `cached[b, j]` and j < `start[b]`
+  (everything in the cache comes before this call's tokens);
+- this call's own keys: causal (key i' <= query i') and `new[b, i']`.
+A query that sees no key at all (left padding) averages the keys it read, as transformers' eager attention
+averages all of them: its output is finite and is never used.
+
+Dimension names: b rows, t queries, s keys of a block, k KV heads, g query heads per KV head, h head_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 512  # keys (and queries) per tile: 14 heads x 512 x 512 float32 scores = 15 MB
+_NEG = float(jnp.finfo(jnp.float32).min)  # finite: exp(_NEG - m) underflows to 0, exp(_NEG - _NEG) = 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyMask:
+    """Which keys the queries of one call see (see the module docstring)."""
+
+    start: jax.Array  # [b] int32: cache slot of the call's first token; the cache is read below it
+    cached: jax.Array  # [b, S] bool: cache slots holding real tokens
+    new: jax.Array  # [b, t] bool: the call's real tokens (False: padding)
+
+    @classmethod
+    def uncached(cls, valid: jax.Array) -> KeyMask:
+        """A call without a cache: causal over its own tokens, `valid` [b, t] marking the real ones."""
+        b = valid.shape[0]
+        return cls(jnp.zeros((b,), jnp.int32), jnp.zeros((b, 0), bool), valid.astype(bool))
+
+
+class CachedKeys(NamedTuple):
+    """Where a layer's cached keys are read: the whole stacked cache and the layer's index, so a block is sliced
+    straight out of the stack (no per-layer copy of the cache)."""
+
+    k: jax.Array  # [layers, rows, slots, k, h]
+    v: jax.Array
+    layer: jax.Array  # int32 scalar
+    rows: jax.Array | None  # [b] cache row of each query row; None: query row i reads cache row i
+
+
+class _Softmax(NamedTuple):
+    """Running max, normaliser and weighted sum of the online softmax, float32."""
+
+    m: jax.Array  # [b, k, g, t]
+    l: jax.Array  # [b, k, g, t]  # noqa: E741 (the usual name)
+    acc: jax.Array  # [b, k, g, t, h]
+
+
+def _update(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> _Softmax:
+    """Fold one key block into the running softmax. q [b,t,k,g,h] (scaled), k/v [b,s,k,h], visible [b,t|1,s]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = jnp.where(visible[:, None, None], scores, _NEG)
+    m = jnp.maximum(st.m, scores.max(axis=-1))
+    p = jnp.exp(scores - m[..., None])
+    keep = jnp.exp(st.m - m)
+    pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v).astype(jnp.float32)
+    return _Softmax(m, st.l * keep + p.sum(axis=-1), st.acc * keep[..., None] + pv)
+
+
+def _read(cache: jax.Array, layer: jax.Array, rows: jax.Array | None, first: jax.Array, size: int, b: int
+          ) -> jax.Array:
+    """Slots [first, first + size) of `layer` for each of the b query rows: [b, size, k, h]."""
+    kh, h = cache.shape[3:]
+    if rows is None:
+        return jax.lax.dynamic_slice(cache, (layer, 0, first, 0, 0), (1, b, size, kh, h))[0]
+    one = lambda row: jax.lax.dynamic_slice(cache, (layer, row, first, 0, 0), (1, 1, size, kh, h))[0, 0]  # noqa: E731
+    return jax.vmap(one)(rows)
+
+
+def block_size(n: int, block: int = BLOCK) -> int:
+    """Keys per block for a sequence of n: one block when short, else `block` (n is padded to a multiple)."""
+    return n if n <= block else block
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: CachedKeys | None = None,
+              block: int = BLOCK) -> jax.Array:
+    """q [b,t,k,g,h], this call's keys and values k, v [b,t,k,h] -> [b,t,k,g,h] in q's dtype."""
+    b, t, kh, g, h = q.shape
+    q = q * jnp.asarray(h**-0.5, q.dtype)
+    tile = block_size(t, block)
+    pad = -t % tile
+    if pad:  # padded keys are invisible (new=False) and padded queries are dropped at the end
+        q, k, v = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
+    new = jnp.pad(mask.new, [(0, 0), (0, pad)])
+    n_tiles = (t + pad) // tile
+    qs = q.reshape(b, n_tiles, tile, kh, g, h)
+    ks, vs = (a.reshape(b, n_tiles, tile, kh, h) for a in (k, v))
+    news = new.reshape(b, n_tiles, tile)
+
+    if cached is not None:
+        slots = cached.k.shape[2]
+        cblock = math.gcd(slots, block)
+        n_cached = (jnp.max(mask.start) + cblock - 1) // cblock  # blocks holding a slot below some row's start
+
+    def query_tile(i: jax.Array, qi: jax.Array) -> jax.Array:
+        st = _Softmax(jnp.full((b, kh, g, tile), _NEG, jnp.float32), jnp.zeros((b, kh, g, tile), jnp.float32),
+                      jnp.zeros((b, kh, g, tile, h), jnp.float32))
+        if cached is not None:
+            def cache_block(j, st):
+                first = j * cblock
+                kb = _read(cached.k, cached.layer, cached.rows, first, cblock, b)
+                vb = _read(cached.v, cached.layer, cached.rows, first, cblock, b)
+                cols = first + jnp.arange(cblock)
+                seen = jax.lax.dynamic_slice_in_dim(mask.cached, first, cblock, axis=1)
+                visible = seen & (cols[None] < mask.start[:, None])
+                return _update(st, qi, kb, vb.astype(q.dtype), visible[:, None])
+
+            st = jax.lax.fori_loop(0, n_cached, cache_block, st)
+
+        def key_tile(st, j):
+            def fold(st):
+                causal = (j * tile + jnp.arange(tile))[None, :] <= (i * tile + jnp.arange(tile))[:, None]
+                visible = causal[None] & news[:, j][:, None, :]
+                return _update(st, qi, ks[:, j], vs[:, j], visible)
+
+            # Tiles above the diagonal hold no visible key: skipped (a cond, so the forward stays differentiable).
+            return (fold(st) if n_tiles == 1 else jax.lax.cond(j <= i, fold, lambda s: s, st)), None
+
+        st, _ = jax.lax.scan(key_tile, st, jnp.arange(n_tiles))
+        out = st.acc / jnp.where(st.l > 0, st.l, 1.0)[..., None]
+        return jnp.einsum("bkgth->btkgh", out).astype(q.dtype)
+
+    if n_tiles == 1:
+        out = query_tile(jnp.int32(0), qs[:, 0])[:, None]
+    else:
+        out = jax.lax.map(lambda a: query_tile(*a), (jnp.arange(n_tiles), jnp.moveaxis(qs, 1, 0)))
+        out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(b, n_tiles * tile, kh, g, h)[:, :t]
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """The plain einsum + softmax form, for tests: q [b,t,k,g,h], k, v [b,s,k,h], visible [b,t,s]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(visible[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
