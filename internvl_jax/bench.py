@@ -359,14 +359,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="override the decoder depth (compile-time scaling checks)")
     p.add_argument("--compare-torch", action="store_true", help="also run transformers on the same weights")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and decode.png")
+    p.add_argument("--workload", default="speed", choices=("speed", *serving_workloads()),
+                   help="speed: the figures above (default); mixed, prompt-memory, cache-len: the slot engine as "
+                        "batch and eval runs use it (internvl_jax/bench_serving.py)")
+    from internvl_jax.bench_serving import add_arguments as serving_arguments
+
+    serving_arguments(p)
+
+
+def serving_workloads() -> tuple[str, ...]:
+    from internvl_jax.bench_serving import WORKLOADS
+
+    return WORKLOADS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="internvl-jax bench", description=__doc__)
     add_arguments(p)
     args = p.parse_args(argv)
-    report = run(args)
     out = Path(args.out)
+    if args.workload != "speed":
+        from internvl_jax import bench_serving
+
+        report = bench_serving.run(args)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"serving-{args.workload}.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        if args.workload == "mixed":
+            m = report["mixed"]
+            bench_serving.plot_done(out / "serving-mixed.png", {"engine": m["engine"]["done_at_s"],
+                                                                 "static": m["static"]["done_at_s"]},
+                                    f"{args.preset} {args.dtype}, {m['requests']} requests, {m['slots']} slots")
+        print(bench_serving.summary(report))
+        print(f"wrote {path}")
+        return 0
+    report = run(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot(out / "decode.png", report["results"], f"{args.preset} {args.dtype}")

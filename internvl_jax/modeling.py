@@ -7,7 +7,7 @@ The user-facing class only: it calls the layers below it (`model/`, `source`, `c
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,29 @@ class InternVL:
         sampling = self.generation_config.update(**generation_kwargs)
         inputs = check_inputs(self.config, input_ids, pixel_values, attention_mask, self.dtype)
         return engine.generate(self.module, self.params, inputs, sampling, self.mesh, streamer=streamer)
+
+    def generate_many(self, prompts: Sequence[Mapping[str, Any]], slots: int = 16, cache_len: int | None = None,
+                      **generation_kwargs: Any) -> list[np.ndarray]:
+        """Many prompts through the slot engine (continuous batching): each `{"input_ids": [t] or [1, t],
+        "pixel_values": optional}` -> its ids [t + new], in input order. Each prompt's tokens equal `generate`
+        for it alone (greedy, or sampled with the same seed); a prompt the engine refuses raises ValueError
+        naming its index. `cache_len` defaults to the longest prompt + max_new_tokens."""
+        from internvl_jax.engine.slots import Request, SlotEngine
+
+        sampling = self.generation_config.update(**generation_kwargs)
+        requests = []
+        for i, p in enumerate(prompts):
+            ids = np.asarray(p["input_ids"])
+            requests.append(Request(id=i, ids=ids.reshape(-1) if ids.ndim == 2 and ids.shape[0] == 1 else ids,
+                                    pixels=p.get("pixel_values"), sampling=sampling))
+        need = max((len(np.asarray(r.ids).reshape(-1)) for r in requests), default=0) + sampling.max_new_tokens
+        engine = SlotEngine(self.module, self.params, slots=slots, cache_len=cache_len or need, mesh=self.mesh)
+        out: dict[int, np.ndarray] = {}
+        for c in engine.run(requests):
+            if c.error is not None:
+                raise ValueError(f"prompt {c.id}: {c.error}")
+            out[c.id] = np.concatenate([requests[c.id].ids, np.asarray(c.tokens, np.int64)]).astype(np.int64)
+        return [out[i] for i in range(len(requests))]
 
     def stream(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None, chunk: int = 8,
                **generation_kwargs: Any) -> Iterator[np.ndarray]:

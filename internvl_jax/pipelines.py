@@ -15,10 +15,12 @@ class ImageTextToTextPipeline:
         self.model = model
         self.processor = processor
 
-    def __call__(self, text: Any = None, images: Any = None, return_full_text: bool = True,
+    def __call__(self, text: Any = None, images: Any = None, return_full_text: bool = True, slots: int = 0,
                  **generate_kwargs: Any) -> list:
         """`text` is one conversation (a list of messages) or a list of them; `images` may give the images
-        of a plain-text prompt. One entry per conversation, each `[{"input_text", "generated_text"}]`."""
+        of a plain-text prompt. One entry per conversation, each `[{"input_text", "generated_text"}]`.
+        `slots` > 0 runs a list of conversations through the slot engine (continuous batching: each starts as
+        soon as a slot frees; the same answers as one `generate` call for all of them)."""
         if text is None:
             raise ValueError("pipeline call needs text= (messages or a prompt string)")
         batched = _is_batch(text)
@@ -32,8 +34,17 @@ class ImageTextToTextPipeline:
             inputs = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                                         return_dict=True, padding=True, return_tensors="np")
         ids = np.asarray(inputs["input_ids"])
-        out = self.model.generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"), **generate_kwargs)
-        texts = self.processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        if slots and batched and not isinstance(conversations[0], str):
+            one = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                      return_tensors="np") for c in conversations]
+            outs = self.model.generate_many([{"input_ids": x["input_ids"], "pixel_values": x.get("pixel_values")}
+                                             for x in one], slots=slots, **generate_kwargs)
+            texts = [self.processor.decode(o[x["input_ids"].shape[1]:], skip_special_tokens=True)
+                     for o, x in zip(outs, one, strict=True)]
+        else:
+            out = self.model.generate(ids, inputs.get("pixel_values"), inputs.get("attention_mask"),
+                                      **generate_kwargs)
+            texts = self.processor.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         results = []
         for conv, answer in zip(conversations, texts, strict=True):
             if not return_full_text:

@@ -57,3 +57,22 @@ def test_decoder_bytes_per_step_counts_what_a_decode_step_reads():
     head = t.padded_vocab * t.hidden_size  # the lm_head (or, when tied, the embedding read as one)
     assert bench.decoder_bytes_per_step(cfg, "float32") == 4 * (t.num_layers * per_layer + t.hidden_size + head)
 
+
+
+def test_serving_workloads_write_their_figures(tiny, tmp_path, capsys):
+    """`bench --workload mixed | cache-len` on the tiny shape: the engine against static batches, the JSON, the
+    plot (prompt-memory runs children at the 1B shape: exercised by its own command, docs/benchmarks.md)."""
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--preset", str(tiny), "--workload", "mixed", "--requests", "6", "--slots", "2",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "serving-mixed.json").read_text())["mixed"]
+    for side in ("engine", "static"):
+        r = report[side]
+        assert len(r["done_at_s"]) == 6 and r["tokens_per_s"] > 0 and r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
+    # Both sides generate each request's own tokens: random weights never stop early.
+    assert report["engine"]["generated_tokens"] == report["static"]["generated_tokens"]
+    Image.open(out / "serving-mixed.png").verify()
+    assert "engine / static generated tokens/s" in capsys.readouterr().out
+    assert cli.main(["bench", "--preset", str(tiny), "--workload", "cache-len", "--out", str(out)]) == 0
+    c = json.loads((out / "serving-cache-len.json").read_text())["cache_len"]
+    assert c["256"] > 0 and c["4096"] > 0

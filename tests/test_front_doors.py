@@ -89,6 +89,8 @@ def test_pipeline_single_and_batched(ckpt, media):
     both = pipe(text=[convs["text"], convs["image"]], max_new_tokens=12)
     assert len(both) == 2 and both[1][0]["generated_text"][-1]["role"] == "assistant"
     assert both[1][0]["generated_text"][-1]["content"] == out[0]["generated_text"]
+    # The same list through the slot engine (continuous batching): the same answers.
+    assert pipe(text=[convs["text"], convs["image"]], max_new_tokens=12, slots=1) == both
     with pytest.raises(ValueError, match="task 'summarization'"):
         pipeline("summarization", model=directory)
 

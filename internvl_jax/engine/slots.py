@@ -15,8 +15,9 @@ Rows hold no padding: row r's tokens are at slots [0, length[r]) (`KVCache.slot`
 its slot indices, and attention reads each row's cache only up to the longest busy row (`model.attention`).
 A request's greedy tokens equal `generate`'s for it alone (tests/test_slots.py).
 
-Programs are compiled per shape: prefill per (rows, chunk bucket, with/without images), vision per group size,
-decode per sampling-feature set; a run compiles each once (tests count it).
+Programs are compiled per shape, and the shapes are few: a prefill call is always `chunk` tokens, as 1 row of
+chunk, 2 of chunk/2, 4 of chunk/4 or 8 of chunk/8 (four programs); vision per group size (1, 2, 4 tiles); decode
+per set of sampling features in use (greedy, top-k, ...). Nothing compiles after a warm-up (tests count it).
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ from internvl_jax.engine.vision import VISION_GROUP
 from internvl_jax.inputs import check_pixels, tokens_per_tile
 from internvl_jax.model.attention import BLOCK, KeyMask
 from internvl_jax.model.decoder import KVCache, rope_tables
-from internvl_jax.model.internvl import InternVLModule
+from internvl_jax.model.internvl import InternVLModule, merge_image_features
 from internvl_jax.sharding import cache_shardings
 
 Params = dict[str, Any]
 
 CHUNK = 512  # prompt tokens a prefill call writes: bounds prefill memory (scores, MLP activations)
-MAX_PACK = 8  # requests whose prompts share one prefill call
 EOS_WIDTH = 8  # EOS ids a request may give
 
 
@@ -140,23 +140,21 @@ def _decode_fn(module: InternVLModule, features: tuple[bool, bool, bool, bool], 
 
 
 @functools.lru_cache(maxsize=8)
-def _prefill_fn(module: InternVLModule, with_images: bool) -> Callable:
+def _prefill_fn(module: InternVLModule) -> Callable:
     """A chunk of n rows' prompts (right padded to one length L) into cache rows `rows` from slot `starts` on;
-    returns the cache and each row's scores after its last real token."""
+    returns the cache and each row's scores after its last real token. `features` [n * L, d] holds the image
+    features of each row's image tokens in place (zeros elsewhere; a text-only chunk passes zeros)."""
 
-    def prefill(params, cache: KVCache, ids, valid, rows, starts, features, feature_rows):
+    def prefill(params, cache: KVCache, ids, valid, rows, starts, features):
         n, length = ids.shape
         lengths = valid.sum(axis=1).astype(jnp.int32)
         slots = cache.k.shape[2]
         mask = KeyMask(starts, jnp.arange(slots)[None, :] < starts[:, None], valid)
         positions = starts[:, None] + jnp.arange(length)[None, :]
+        in_place = jnp.arange(n * length, dtype=jnp.int32).reshape(n, length)
 
         def run(m: InternVLModule):
-            x = m.text.embed(ids)
-            if with_images:
-                from internvl_jax.model.internvl import merge_image_features
-
-                x = merge_image_features(x, ids, features, m.cfg.image_token_id, feature_rows)
+            x = merge_image_features(m.text.embed(ids), ids, features, m.cfg.image_token_id, in_place)
             hidden, new_cache = m.text(x, positions, mask, cache, rows)
             last = hidden[jnp.arange(n), jnp.maximum(lengths - 1, 0)][:, None]
             return m.text.logits(last)[:, 0].astype(jnp.float32), new_cache
@@ -253,6 +251,8 @@ class SlotEngine:
         # A multiple of the chunk (a chunk never runs past the end) and of the attention block.
         unit = math.lcm(chunk, min(BLOCK, bucket(cache_len)))
         self.cache_len = -(-cache_len // unit) * unit
+        # Row lengths of a prefill call (rows = chunk / length): chunk/8 .. chunk, at least the smallest bucket.
+        self.lengths = sorted({max(chunk // (1 << i), MIN_PROMPT_BUCKET) for i in range(4)})
         self.host_layers = layer_loop.host_layers(module, params) if mesh is None else None
         self._text = layer_loop.text_params(params) if self.host_layers else None
         self.cache: KVCache | None = None
@@ -318,23 +318,20 @@ class SlotEngine:
 
     def _prefill(self, jobs: list[_Job]) -> list[tuple[_Job, jax.Array]]:
         """One prefill call over `jobs` (their next chunks); returns the jobs whose prompt is now complete, with
-        their scores."""
+        their scores. The call is always `chunk` tokens: n = chunk / L rows of L (`self.lengths`), so that a run
+        compiles four prefill programs whatever its prompts."""
         takes = [min(j.remaining, self.chunk) for j in jobs]
-        length = bucket(max(takes), MIN_PROMPT_BUCKET)
-        n = bucket(len(jobs))
+        length = next(L for L in self.lengths if L >= max(takes))
+        n = self.chunk // length
+        d = self.cfg.text.hidden_size
         ids = np.zeros((n, length), np.int32)
         valid = np.zeros((n, length), bool)
         rows = np.full((n,), self.slots, np.int32)  # padding rows write into the scratch row
         starts = np.zeros((n,), np.int32)
-        frows = np.zeros((n, length), np.int32)
-        with_images = any(j.request.pixels is not None for j in jobs)
         features = []
         for i, (job, take) in enumerate(zip(jobs, takes, strict=True)):
             part = np.asarray(job.request.ids[job.done: job.done + take])
             ids[i, :take], valid[i, :take], rows[i], starts[i] = part, True, job.row, job.done
-            if not with_images:
-                continue
-            d = self.cfg.text.hidden_size
             if job.request.pixels is None:
                 features.append(jnp.zeros((length, d), self.module.param_dtype))
                 continue
@@ -343,15 +340,14 @@ class SlotEngine:
             before = int((np.asarray(job.request.ids[: job.done]) == self.cfg.image_token_id).sum())
             index = np.zeros((length,), np.int32)
             index[:take] = np.where(is_image, before + np.cumsum(is_image) - 1, 0)
-            flat = job.features[0] if len(job.features) == 1 else jnp.concatenate(job.features)
-            job.features = [flat]
-            features.append(jnp.take(flat.reshape(-1, flat.shape[-1]), jnp.asarray(index), axis=0))
-            frows[i] = i * length + np.arange(length)
-        feats = jnp.concatenate([*features, jnp.zeros(((n - len(jobs)) * length, features[0].shape[-1]),
-                                                      features[0].dtype)]) if with_images else None
-        self.cache, logits = _prefill_fn(self.module, with_images)(
+            if len(job.features) > 1:
+                job.features = [jnp.concatenate(job.features)]
+            flat = job.features[0]
+            features.append(jnp.take(flat.reshape(-1, d), jnp.asarray(index), axis=0).astype(self.module.param_dtype))
+        features.append(jnp.zeros(((n - len(jobs)) * length, d), self.module.param_dtype))
+        self.cache, logits = _prefill_fn(self.module)(
             self.params, self.cache, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(rows), jnp.asarray(starts),
-            feats, jnp.asarray(frows))
+            jnp.concatenate(features))
         complete = []
         for i, (job, take) in enumerate(zip(jobs, takes, strict=True)):
             job.done += take
@@ -451,14 +447,14 @@ class SlotEngine:
                 yield from refill()
 
     def _pack(self, ready: list[_Job]) -> list[_Job]:
-        """The prefill call's jobs: the first ready one, and more while their padded size (rows x length, both
-        bucketed) stays within one chunk. A prompt longer than a chunk goes alone, a chunk at a time."""
+        """The prefill call's jobs: the first ready one, and the next ones whose rest fits the row length its
+        chunk needs, as many as the call has rows. A prompt longer than a chunk goes a chunk at a time."""
+        length = next(L for L in self.lengths if L >= min(ready[0].remaining, self.chunk))
         pack = [ready[0]]
-        if ready[0].remaining >= self.chunk:
-            return pack
         for job in ready[1:]:
-            width = max(j.remaining for j in [*pack, job])
-            if len(pack) < MAX_PACK and bucket(len(pack) + 1) * bucket(width, MIN_PROMPT_BUCKET) <= self.chunk:
+            if len(pack) == self.chunk // length:
+                break
+            if job.remaining <= length:
                 pack.append(job)
         return pack
 

@@ -1,0 +1,272 @@
+"""`internvl-jax bench --workload ...`: the slot engine (continuous batching) measured as batch and eval runs use it.
+
+Workloads, on a family-shape model with random weights (random weights never emit EOS: every request runs to its
+own max_new_tokens, which is what the workload draws):
+- `mixed`: N seeded requests, text prompts and one-tile image prompts of 16-600 tokens, max_new_tokens drawn from
+  4-256; the engine with S slots against static batches of S (the runner's `--slots 0`: sorted by length bucket
+  and tiles, each batch generating up to its longest request's max_new_tokens). Generated tokens/s (each
+  request's own tokens), requests/s, time to first token p50 / p99 (static: when its batch's first 8 tokens
+  arrive), and a plot of requests done against time.
+- `prompt-memory`: one request of 1k, 2k, 4k, 8k prompt tokens (a video of 4-32 frames of one tile each), each
+  in a fresh process: peak resident memory against weights + KV cache.
+- `cache-len`: decode tokens/s at batch 1 with 256 filled slots in a 4096-slot cache and in a 256-slot one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from internvl_jax.bench import peak_rss_bytes
+from internvl_jax.engine.generate import bucket
+from internvl_jax.engine.sampling import SamplingConfig
+from internvl_jax.engine.slots import Request, SlotEngine
+
+WORKLOADS = ("mixed", "prompt-memory", "cache-len")
+
+
+def mixed_requests(config: Any, n: int, seed: int = 0) -> list[Request]:
+    """Half text, half one 448px tile; 16-600 prompt tokens; max_new_tokens 4-256; ids below the special ones."""
+    rng = np.random.default_rng(seed)
+    v, per = config.vision, config.image_seq_length
+    out = []
+    for i in range(n):
+        image = bool(rng.integers(0, 2))
+        length = int(rng.integers(per + 16 if image else 16, 601))
+        ids = rng.integers(100, 1000, length).astype(np.int32)
+        px = None
+        if image:
+            ids[4: 4 + per] = config.image_token_id
+            px = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+        new = int(rng.integers(4, 257))
+        out.append(Request(id=i, ids=ids, pixels=px, sampling=SamplingConfig(max_new_tokens=new, eos_token_id=())))
+    return out
+
+
+def quantiles(xs: Sequence[float]) -> dict[str, float]:
+    return {"p50": float(np.quantile(xs, 0.5)), "p99": float(np.quantile(xs, 0.99))}
+
+
+def run_engine(model: Any, reqs: list[Request], slots: int, cache_len: int) -> dict[str, Any]:
+    engine = SlotEngine(model.module, model.params, slots=slots, cache_len=cache_len, mesh=model.mesh)
+    start = time.perf_counter()
+    done = list(engine.run(reqs))
+    wall = time.perf_counter() - start
+    assert all(c.error is None for c in done), [c.error for c in done if c.error]
+    tokens = sum(len(c.tokens) for c in done)
+    return {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall,
+            "requests_per_s": len(done) / wall, "ttft_s": quantiles([c.first_token_s for c in done]),
+            "done_at_s": sorted(c.seconds for c in done)}
+
+
+def run_static(model: Any, reqs: list[Request], batch: int) -> dict[str, Any]:
+    """The runner's static batches: sort by (length bucket, tiles, length), cut into `batch` rows, generate each
+    batch up to its longest request's max_new_tokens, keep each request's own."""
+    from internvl_jax.runners.batch import left_pad
+
+    order = sorted(reqs, key=lambda r: (bucket(len(r.ids), 16), 0 if r.pixels is None else 1, len(r.ids)))
+    start = time.perf_counter()
+    ttft, done_at, tokens = [], [], 0
+    for i in range(0, len(order), batch):
+        rows = order[i: i + batch]
+        ids, mask = left_pad([r.ids for r in rows], 0)
+        px = [r.pixels for r in rows if r.pixels is not None]
+        new = max(r.sampling.max_new_tokens for r in rows)
+        first = None
+        for _ in model.stream(ids, np.concatenate(px) if px else None, mask, chunk=8, max_new_tokens=new,
+                              eos_token_id=[]):
+            first = first or time.perf_counter() - start
+        ttft += [first] * len(rows)
+        done_at += [time.perf_counter() - start] * len(rows)
+        tokens += sum(r.sampling.max_new_tokens for r in rows)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall,
+            "requests_per_s": len(reqs) / wall, "ttft_s": quantiles(ttft), "done_at_s": sorted(done_at)}
+
+
+def mixed(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    reqs = mixed_requests(model.config, args.requests, args.seed)
+    cache_len = bucket(max(len(r.ids) + r.sampling.max_new_tokens for r in reqs))
+    # Warm-up on a few requests of every kind, so both sides are timed without compilation.
+    warm = [Request(id=r.id, ids=r.ids, pixels=r.pixels, sampling=SamplingConfig(max_new_tokens=2, eos_token_id=()))
+            for r in reqs[: 2 * args.slots]]
+    run_engine(model, warm, args.slots, cache_len)
+    run_static(model, warm, args.slots)
+    engine = run_engine(model, reqs, args.slots, cache_len)
+    static = run_static(model, reqs, args.slots)
+    return {"requests": args.requests, "slots": args.slots, "cache_len": cache_len, "engine": engine,
+            "static": static, "engine_over_static_tokens_per_s": engine["tokens_per_s"] / static["tokens_per_s"]}
+
+
+def one_request(model: Any, frames: int, new: int) -> dict[str, Any]:
+    """One video request of `frames` one-tile frames (plus a few text tokens); peak RSS of this process."""
+    config = model.config
+    rng = np.random.default_rng(frames)
+    v, per = config.vision, config.image_seq_length
+    ids = np.concatenate([rng.integers(100, 1000, 8), np.full(frames * per, config.image_token_id),
+                          rng.integers(100, 1000, 8)]).astype(np.int32)
+    px = rng.standard_normal((frames, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    before = peak_rss_bytes()
+    engine = SlotEngine(model.module, model.params, slots=1, cache_len=bucket(len(ids) + new), mesh=model.mesh,
+                        max_tiles=frames)
+    start = time.perf_counter()
+    (done,) = engine.run([Request(id=0, ids=ids, pixels=px, sampling=SamplingConfig(max_new_tokens=new,
+                                                                                    eos_token_id=()))])
+    assert done.error is None, done.error
+    cache = sum(a.nbytes for a in (engine.cache.k, engine.cache.v))
+    weights = sum(x.nbytes for x in __import__("jax").tree.leaves(model.params))
+    return {"frames": frames, "prompt_tokens": len(ids), "seconds": time.perf_counter() - start,
+            "peak_rss_bytes": peak_rss_bytes(), "rss_before_request_bytes": before, "weights_bytes": weights,
+            "kv_cache_bytes": cache, "budget_bytes": weights + cache + 2 * 2**30}
+
+
+def prompt_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    out = []
+    for frames in args.frames:
+        cmd = [sys.executable, "-m", "internvl_jax.bench_serving", "--one-request", str(frames), "--preset",
+               args.preset, "--dtype", args.dtype]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            out.append({"frames": frames, "error": res.stderr.strip().splitlines()[-1:]})
+            continue
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"  {frames} frames: {out[-1]}", file=sys.stderr)
+    return out
+
+
+def cache_len_decode(model: Any, new: int = 64) -> dict[str, Any]:
+    """Batch-1 decode tokens/s with 256 filled slots (a 192-token prompt + 64 new) in caches of 256 and 4096."""
+    ids = np.random.default_rng(0).integers(100, 1000, 256 - new).astype(np.int32)
+    out = {}
+    for cache_len in (256, 4096):
+        engine = SlotEngine(model.module, model.params, slots=1, cache_len=cache_len, mesh=model.mesh)
+        rates = []
+        for _ in range(3):  # the first compiles
+            (c,) = engine.run([Request(id=0, ids=ids, sampling=SamplingConfig(max_new_tokens=new, eos_token_id=()))])
+            rates.append((len(c.tokens) - 1) / (c.seconds - c.first_token_s))
+        out[str(cache_len)] = max(rates[1:])
+    out["ratio_4096_over_256"] = out["4096"] / out["256"]
+    return out
+
+
+def plot_done(path: Path, series: dict[str, list[float]], title: str) -> None:
+    """Requests done against time, one line per side (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 720, 440, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    right = max(max(s) for s in series.values()) * 1.05
+    top = max(len(s) for s in series.values())
+    x = lambda t: m + (w - 2 * m) * t / right  # noqa: E731
+    y = lambda n: h - m - (h - 2 * m) * n / top  # noqa: E731
+    d.line([(m, h - m), (w - m, h - m)], fill="black")
+    d.line([(m, m), (m, h - m)], fill="black")
+    for k in range(5):
+        d.text((x(right * k / 4) - 10, h - m + 8), f"{right * k / 4:.0f}", fill="black")
+        d.text((6, y(top * k / 4) - 6), f"{top * k / 4:.0f}", fill="black")
+    colors = [(30, 90, 200), (220, 80, 30)]
+    for n, (name, done) in enumerate(series.items()):
+        pts = [(x(0), y(0))] + [(x(t), y(i + 1)) for i, t in enumerate(done)]
+        d.line(pts, fill=colors[n % 2], width=3)
+        d.text((w - m - 160, m + 16 * n), name, fill=colors[n % 2])
+    d.text((m, 16), title + " - requests done vs seconds", fill="black")
+    img.save(path)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import platform
+
+    import jax
+
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.presets import shape_of
+
+    report: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "workload": args.workload,
+                              "machine": {"platform": platform.platform(), "processor": cpu_name(),
+                                          "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}}
+    if args.workload == "prompt-memory":
+        report["prompt_memory"] = prompt_memory(args)
+        return report
+    model = InternVL.from_config(shape_of(args.preset), dtype=args.dtype, seed=0)
+    if args.workload == "mixed":
+        report["mixed"] = mixed(model, args)
+    else:
+        report["cache_len"] = cache_len_decode(model)
+    return report
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for the terminal (the JSON has everything)."""
+    head = f"{report['preset']} {report['dtype']} on {report['machine']['processor']}"
+    if "mixed" in report:
+        m = report["mixed"]
+        rows = [f"{head}: {m['requests']} mixed requests, {m['slots']} slots (cache {m['cache_len']})",
+                "| | generated tok/s | requests/s | TTFT p50 (s) | TTFT p99 (s) | wall (s) |",
+                "|---|---|---|---|---|---|"]
+        for side in ("engine", "static"):
+            r = m[side]
+            rows.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.3f} | {r['ttft_s']['p50']:.1f} "
+                        f"| {r['ttft_s']['p99']:.1f} | {r['wall_s']:.0f} |")
+        rows.append(f"engine / static generated tokens/s: {m['engine_over_static_tokens_per_s']:.2f}x")
+        return "\n".join(rows)
+    if "cache_len" in report:
+        c = report["cache_len"]
+        return (f"{head}: batch-1 decode with 256 filled slots: {c['256']:.2f} tok/s in a 256-slot cache, "
+                f"{c['4096']:.2f} in a 4096-slot cache ({c['ratio_4096_over_256']:.2f}x)")
+    rows = [f"{head}: one video request, peak resident memory",
+            "| frames | prompt tokens | peak RSS (GiB) | weights + KV cache + 2 GiB | seconds |",
+            "|---|---|---|---|---|"]
+    for r in report["prompt_memory"]:
+        if "error" in r:
+            rows.append(f"| {r['frames']} | failed: {r['error']} | | | |")
+            continue
+        rows.append(f"| {r['frames']} | {r['prompt_tokens']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                    f"{r['budget_bytes'] / 2**30:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=64, help="mixed: requests in the workload")
+    p.add_argument("--slots", type=int, default=16, help="mixed: decode slots (and the static batch size)")
+    p.add_argument("--seed", type=int, default=0, help="mixed: the workload's seed")
+    p.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32],
+                   help="prompt-memory: video frames (256 prompt tokens each at 448px)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m internvl_jax.bench_serving")
+    p.add_argument("--one-request", type=int, help=argparse.SUPPRESS)  # a prompt-memory child process
+    p.add_argument("--preset", default="InternVL3-1B")
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args(argv)
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.presets import shape_of
+
+    model = InternVL.from_config(shape_of(args.preset), dtype=args.dtype, seed=0)
+    print(json.dumps(one_request(model, args.one_request, 16)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
