@@ -120,3 +120,20 @@ def test_no_compilation_after_warm_up(model):
     warm = len(compiles)
     list(eng.run(requests(5, 6)))  # other prompts and lengths, the same kinds of work
     assert len(compiles) == warm, f"{len(compiles) - warm} compilations after warm-up"
+
+
+def test_on_a_mesh(tmp_path):
+    """Slots split over `data` on 8 virtual CPU devices: the same tokens as generate on one device."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "report.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tests.slots_mesh_worker", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == [] and all(report["same"].values()), report
+    assert report["cache_spec"] == "P(None, 'data')", report  # [layers, rows, ...]: rows over data

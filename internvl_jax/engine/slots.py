@@ -1,7 +1,6 @@
 """Continuous batching: a fixed number of decode slots in one static KV cache, refilled as requests finish.
 
-The cache has `slots` rows (plus one scratch row that padding rows of a prefill write into) of `cache_len`
-key slots each. A request goes through:
+The cache has `slots` rows of `cache_len` key slots each. A request goes through:
 1. vision: its tiles through the tower, a group of up to `VISION_GROUP` tiles a unit of work;
 2. prefill: its prompt in chunks of at most `chunk` tokens written straight into its slot's cache row (short
    prompts of several requests share one call), each chunk attending to the row's cache so far and itself;
@@ -109,13 +108,17 @@ def _step_mask(lengths: jax.Array, slots: int) -> KeyMask:
     return KeyMask(lengths, jnp.arange(slots)[None, :] < lengths[:, None], jnp.ones((lengths.shape[0], 1), bool))
 
 
-@functools.lru_cache(maxsize=32)
-def _decode_fn(module: InternVLModule, features: tuple[bool, bool, bool, bool], steps: int) -> Callable:
-    """Up to `steps` decode steps on device; stops early once a row ends (its slot is then refilled)."""
-    rows_of = lambda cache: cache.slot.shape[0] - 1  # noqa: E731 (the scratch row never decodes)
+def _keep(cache: KVCache, sharding: KVCache | None) -> KVCache:
+    """The cache as it came in: split as the rules table says (on a mesh), never left to XLA's choice."""
+    return cache if sharding is None else jax.lax.with_sharding_constraint(cache, sharding)
 
+
+@functools.lru_cache(maxsize=32)
+def _decode_fn(module: InternVLModule, features: tuple[bool, bool, bool, bool], steps: int,
+               sharding: KVCache | None) -> Callable:
+    """Up to `steps` decode steps on device; stops early once a row ends (its slot is then refilled)."""
     def decode(params, cache: KVCache, st: SlotState):
-        r, slots = rows_of(cache), cache.k.shape[2]
+        r, slots = cache.slot.shape[0], cache.k.shape[2]
 
         def cond(carry):
             _, st, _, ended, i = carry
@@ -134,13 +137,13 @@ def _decode_fn(module: InternVLModule, features: tuple[bool, bool, bool, bool], 
         out = jnp.zeros((r, steps), jnp.int32)
         cache, st, out, ended, n = jax.lax.while_loop(
             cond, body, (cache, st, out, jnp.zeros((r,), bool), jnp.int32(0)))
-        return cache, st, out, n, ended
+        return _keep(cache, sharding), st, out, n, ended
 
     return jax.jit(decode, donate_argnums=(1, 2))
 
 
 @functools.lru_cache(maxsize=8)
-def _prefill_fn(module: InternVLModule) -> Callable:
+def _prefill_fn(module: InternVLModule, sharding: KVCache | None) -> Callable:
     """A chunk of n rows' prompts (right padded to one length L) into cache rows `rows` from slot `starts` on;
     returns the cache and each row's scores after its last real token. `features` [n * L, d] holds the image
     features of each row's image tokens in place (zeros elsewhere; a text-only chunk passes zeros)."""
@@ -161,7 +164,7 @@ def _prefill_fn(module: InternVLModule) -> Callable:
 
         logits, cache = module.apply({"params": params}, method=run)
         cache = cache._replace(slot=cache.slot.at[rows].set(starts + lengths))
-        return cache, logits
+        return _keep(cache, sharding), logits
 
     return jax.jit(prefill, donate_argnums=(1,))
 
@@ -257,6 +260,7 @@ class SlotEngine:
         self._text = layer_loop.text_params(params) if self.host_layers else None
         self.cache: KVCache | None = None
         self.state: SlotState | None = None
+        self.sharding = None if mesh is None else cache_shardings(self.cfg, mesh, slots, self.cache_len)
         self.busy = 0  # slots decoding or being prefilled (for progress reports)
 
     # -- validation: every problem becomes that request's error --
@@ -298,14 +302,13 @@ class SlotEngine:
         if self.cache is not None:
             return
         r, v, dtype = self.slots, self.cfg.text.vocab_size, self.module.param_dtype
-        check_cache_fits(self.cfg, r + 1, self.cache_len, dtype)
-        shape = KVCache.abstract(self.cfg.text, r + 1, self.cache_len, dtype, per_row=True)
+        check_cache_fits(self.cfg, r, self.cache_len, dtype)
+        shape = KVCache.abstract(self.cfg.text, r, self.cache_len, dtype, per_row=True)
         if self.mesh is None:
             self.cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
         else:  # allocated in place, split as the rules table says
-            shard = cache_shardings(self.cfg, self.mesh, r + 1, self.cache_len)
             self.cache = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape),
-                                 out_shardings=KVCache(shard.k, shard.v, shard.slot))()
+                                 out_shardings=self.sharding)()
         self.state = SlotState(logits=jnp.zeros((r, v), jnp.float32), keys=jnp.zeros((r, 2), jnp.uint32),
                                count=jnp.zeros((r,), jnp.int32), limit=jnp.zeros((r,), jnp.int32),
                                busy=jnp.zeros((r,), bool), eos=jnp.full((r, EOS_WIDTH), -1, jnp.int32),
@@ -326,7 +329,7 @@ class SlotEngine:
         d = self.cfg.text.hidden_size
         ids = np.zeros((n, length), np.int32)
         valid = np.zeros((n, length), bool)
-        rows = np.full((n,), self.slots, np.int32)  # padding rows write into the scratch row
+        rows = np.zeros((n,), np.int32)
         starts = np.zeros((n,), np.int32)
         features = []
         for i, (job, take) in enumerate(zip(jobs, takes, strict=True)):
@@ -344,8 +347,11 @@ class SlotEngine:
                 job.features = [jnp.concatenate(job.features)]
             flat = job.features[0]
             features.append(jnp.take(flat.reshape(-1, d), jnp.asarray(index), axis=0).astype(self.module.param_dtype))
-        features.append(jnp.zeros(((n - len(jobs)) * length, d), self.module.param_dtype))
-        self.cache, logits = _prefill_fn(self.module)(
+        # Padding rows repeat the first row: they write the same keys to the same place, harmlessly.
+        for a in (ids, valid, rows, starts):
+            a[len(jobs):] = a[0]
+        features += features[:1] * (n - len(jobs))
+        self.cache, logits = _prefill_fn(self.module, self.sharding)(
             self.params, self.cache, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(rows), jnp.asarray(starts),
             jnp.concatenate(features))
         complete = []
@@ -370,7 +376,8 @@ class SlotEngine:
     def _decode(self, features: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
         """Decode steps until a row ends (at most `decode_steps`): tokens [R, n] and the rows that ended [R]."""
         if self.host_layers is None:
-            self.cache, self.state, out, n, ended = _decode_fn(self.module, features, self.decode_steps)(
+            self.cache, self.state, out, n, ended = _decode_fn(self.module, features, self.decode_steps,
+                                                               self.sharding)(
                 self.params, self.cache, self.state)
             return np.asarray(out)[:, : int(n)], np.asarray(ended)
         # One CPU device: the layers run from the host on views of the stacked weights (engine/layer_loop.py).
