@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from internvl_jax.bench import peak_rss_bytes
 from internvl_jax.engine.generate import bucket
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.engine.slots import Request, SlotEngine
 
 WORKLOADS = ("mixed", "prompt-memory", "cache-len")
+PROMPT_TOKENS = (16, 600)  # mixed: prompt lengths drawn from this range
+NEW_TOKENS = (4, 256)  # mixed: max_new_tokens drawn from this range
+CACHE_LENS = (256, 4096)  # cache-len: the two caches (the first is also the filled length)
 
 
 def mixed_requests(config: Any, n: int, seed: int = 0) -> list[Request]:
@@ -40,13 +42,14 @@ def mixed_requests(config: Any, n: int, seed: int = 0) -> list[Request]:
     out = []
     for i in range(n):
         image = bool(rng.integers(0, 2))
-        length = int(rng.integers(per + 16 if image else 16, 601))
+        low, high = PROMPT_TOKENS
+        length = int(rng.integers(per + low if image else low, high + 1))
         ids = rng.integers(100, 1000, length).astype(np.int32)
         px = None
         if image:
             ids[4: 4 + per] = config.image_token_id
             px = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-        new = int(rng.integers(4, 257))
+        new = int(rng.integers(NEW_TOKENS[0], NEW_TOKENS[1] + 1))
         out.append(Request(id=i, ids=ids, pixels=px, sampling=SamplingConfig(max_new_tokens=new, eos_token_id=())))
     return out
 
@@ -114,7 +117,10 @@ def one_request(model: Any, frames: int, new: int) -> dict[str, Any]:
     ids = np.concatenate([rng.integers(100, 1000, 8), np.full(frames * per, config.image_token_id),
                           rng.integers(100, 1000, 8)]).astype(np.int32)
     px = rng.standard_normal((frames, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    before = peak_rss_bytes()
+    import jax
+
+    jax.block_until_ready(model.params)
+    before = reset_peak_rss()  # the weights' random init has its own peak; this counts the request's alone
     engine = SlotEngine(model.module, model.params, slots=1, cache_len=bucket(len(ids) + new), mesh=model.mesh,
                         max_tiles=frames)
     start = time.perf_counter()
@@ -122,10 +128,27 @@ def one_request(model: Any, frames: int, new: int) -> dict[str, Any]:
                                                                                     eos_token_id=()))])
     assert done.error is None, done.error
     cache = sum(a.nbytes for a in (engine.cache.k, engine.cache.v))
-    weights = sum(x.nbytes for x in __import__("jax").tree.leaves(model.params))
+    weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
     return {"frames": frames, "prompt_tokens": len(ids), "seconds": time.perf_counter() - start,
-            "peak_rss_bytes": peak_rss_bytes(), "rss_before_request_bytes": before, "weights_bytes": weights,
+            "peak_rss_bytes": peak_rss_since_reset(), "rss_before_request_bytes": before, "weights_bytes": weights,
             "kv_cache_bytes": cache, "budget_bytes": weights + cache + 2 * 2**30}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident size (Linux: /proc/self/clear_refs, 5) and return the current one."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_since_reset() -> int:
+    return _status_kib("VmHWM") * 1024
 
 
 def prompt_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -144,16 +167,18 @@ def prompt_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cache_len_decode(model: Any, new: int = 64) -> dict[str, Any]:
     """Batch-1 decode tokens/s with 256 filled slots (a 192-token prompt + 64 new) in caches of 256 and 4096."""
-    ids = np.random.default_rng(0).integers(100, 1000, 256 - new).astype(np.int32)
+    small, large = CACHE_LENS
+    new = min(new, small // 4)
+    ids = np.random.default_rng(0).integers(100, 1000, small - new).astype(np.int32)
     out = {}
-    for cache_len in (256, 4096):
+    for cache_len in CACHE_LENS:
         engine = SlotEngine(model.module, model.params, slots=1, cache_len=cache_len, mesh=model.mesh)
         rates = []
         for _ in range(3):  # the first compiles
             (c,) = engine.run([Request(id=0, ids=ids, sampling=SamplingConfig(max_new_tokens=new, eos_token_id=()))])
             rates.append((len(c.tokens) - 1) / (c.seconds - c.first_token_s))
         out[str(cache_len)] = max(rates[1:])
-    out["ratio_4096_over_256"] = out["4096"] / out["256"]
+    out["ratio_large_over_small"] = out[str(large)] / out[str(small)]
     return out
 
 
@@ -232,8 +257,9 @@ def summary(report: dict[str, Any]) -> str:
         return "\n".join(rows)
     if "cache_len" in report:
         c = report["cache_len"]
-        return (f"{head}: batch-1 decode with 256 filled slots: {c['256']:.2f} tok/s in a 256-slot cache, "
-                f"{c['4096']:.2f} in a 4096-slot cache ({c['ratio_4096_over_256']:.2f}x)")
+        small, large = (k for k in c if k.isdigit())
+        return (f"{head}: batch-1 decode with {small} filled slots: {c[small]:.2f} tok/s in a {small}-slot cache, "
+                f"{c[large]:.2f} in a {large}-slot cache ({c['ratio_large_over_small']:.2f}x)")
     rows = [f"{head}: one video request, peak resident memory",
             "| frames | prompt tokens | peak RSS (GiB) | weights + KV cache + 2 GiB | seconds |",
             "|---|---|---|---|---|"]

@@ -27,3 +27,31 @@ def test_prefill_memory_does_not_grow_with_the_cache():
     scores_over_slots = heads * length * 16384 * 4  # what attending over every slot would hold at least
     assert large < scores_over_slots / 4, (small, large)
     assert large - small < 0.1 * scores_over_slots, (small, large)
+
+
+def test_prefill_memory_is_linear_in_the_prompt():
+    """Blockwise attention: no [t, t] scores. Quadrupling the prompt quadruples the temp bytes at most (scores
+    held whole would grow 16x: 4 heads x 4096^2 x 4 bytes = 268 MB at 4096 tokens)."""
+    cfg = InternVLConfig.from_dict(tm.hf_config())
+    short, long = prefill_temp_bytes(cfg, 1024, 1024 + 64), prefill_temp_bytes(cfg, 4096, 4096 + 64)
+    whole_scores = cfg.text.num_heads * 4096 * 4096 * 4
+    assert long < whole_scores / 8, (short, long)
+    assert long < 5 * short, (short, long)
+
+
+def test_slot_engine_prefill_memory_follows_the_chunk():
+    """A chunk of the slot engine's prefill reads the cache blockwise: its temp bytes do not grow with the cache
+    (a prompt of any length is prefilled by chunks of the same program)."""
+    from internvl_jax.engine.slots import _prefill_fn
+
+    cfg = InternVLConfig.from_dict(tm.hf_config())
+    s = jax.ShapeDtypeStruct
+
+    def temp(slots: int, chunk: int = 512) -> int:
+        args = (abstract_params(cfg), KVCache.abstract(cfg.text, 4, slots, jnp.float32, per_row=True),
+                s((1, chunk), jnp.int32), s((1, chunk), bool), s((1,), jnp.int32), s((1,), jnp.int32),
+                s((chunk, cfg.text.hidden_size), jnp.float32))
+        return _prefill_fn(module_for(cfg), None).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp(1024), temp(16384)
+    assert large < 1.1 * small + (1 << 20), (small, large)
