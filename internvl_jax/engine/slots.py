@@ -14,9 +14,10 @@ Rows hold no padding: row r's tokens are at slots [0, length[r]) (`KVCache.slot`
 its slot indices, and attention reads each row's cache only up to the longest busy row (`model.attention`).
 A request's greedy tokens equal `generate`'s for it alone (tests/test_slots.py).
 
-Programs are compiled per shape, and the shapes are few: a prefill call is always `chunk` tokens, as 1 row of
-chunk, 2 of chunk/2, 4 of chunk/4 or 8 of chunk/8 (four programs); vision per group size (1, 2, 4 tiles); decode
-per set of sampling features in use (greedy, top-k, ...). Nothing compiles after a warm-up (tests count it).
+Programs are compiled per shape, and the shapes are few: a prefill call has 1, 2, 4 or 8 rows of chunk/8,
+chunk/4, chunk/2 or chunk tokens, at most `chunk` tokens in all (ten programs); vision per group size (1, 2, 4
+tiles); decode per set of sampling features in use (greedy, top-k, ...). Nothing compiles after a warm-up (tests
+count it).
 """
 
 from __future__ import annotations
@@ -321,11 +322,11 @@ class SlotEngine:
 
     def _prefill(self, jobs: list[_Job]) -> list[tuple[_Job, jax.Array]]:
         """One prefill call over `jobs` (their next chunks); returns the jobs whose prompt is now complete, with
-        their scores. The call is always `chunk` tokens: n = chunk / L rows of L (`self.lengths`), so that a run
-        compiles four prefill programs whatever its prompts."""
+        their scores. Rows and row length are bucketed (a power of two of rows, L from `self.lengths`, rows x L
+        at most `chunk`), so that a run compiles at most ten prefill programs whatever its prompts."""
         takes = [min(j.remaining, self.chunk) for j in jobs]
         length = next(L for L in self.lengths if L >= max(takes))
-        n = self.chunk // length
+        n = bucket(len(jobs))
         d = self.cfg.text.hidden_size
         ids = np.zeros((n, length), np.int32)
         valid = np.zeros((n, length), bool)
@@ -455,7 +456,8 @@ class SlotEngine:
 
     def _pack(self, ready: list[_Job]) -> list[_Job]:
         """The prefill call's jobs: the first ready one, and the next ones whose rest fits the row length its
-        chunk needs, as many as the call has rows. A prompt longer than a chunk goes a chunk at a time."""
+        chunk needs, while rows x length stays within a chunk. A prompt longer than a chunk goes a chunk at a
+        time."""
         length = next(L for L in self.lengths if L >= min(ready[0].remaining, self.chunk))
         pack = [ready[0]]
         for job in ready[1:]:

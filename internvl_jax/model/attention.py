@@ -84,8 +84,12 @@ def _read(cache: jax.Array, layer: jax.Array, rows: jax.Array | None, first: jax
 
 
 def block_size(n: int, block: int = BLOCK) -> int:
-    """Keys per block for a sequence of n: one block when short, else `block` (n is padded to a multiple)."""
-    return n if n <= block else block
+    """Keys (and queries) per tile for a call of n tokens: one tile when n <= block, else the fewest tiles of at
+    most `block`, as even as multiples of 8 allow (1025 tokens: 2 tiles of 520, not 3 of 512 padded to 1536)."""
+    if n <= block:
+        return n
+    per_tile = -(-n // -(-n // block))
+    return -(-per_tile // 8) * 8
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: CachedKeys | None = None,
