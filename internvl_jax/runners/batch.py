@@ -91,6 +91,8 @@ def encode(processor: Any, request: Request, template: Mapping[str, Any], room: 
     """One record -> token ids and pixels, or its failed result line. `room`: the longest prompt allowed."""
     if request.error is not None:
         return result(request, error=request.error)
+    if request.max_patches is not None:  # the record's own tile budget (eval profiles) wins over the run's
+        template = {**template, "max_patches": request.max_patches}
     try:
         inputs = processor.apply_chat_template(request.conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, **template)
