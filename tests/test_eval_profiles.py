@@ -413,6 +413,27 @@ def test_score_vlmevalkit_predictions_and_bad_files(tmp_path, capsys):
     assert err.count("\n") == 1 and "pip install 'internvl-jax[xlsx]'" in err
 
 
+def test_score_vlmevalkit_xlsx(tmp_path, capsys):
+    openpyxl = pytest.importorskip("openpyxl")  # the test extra has it; the runtime package does not need it
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (["index", "question", "answer", "category", "image_path", "prediction"],
+                [1, "Is it red?", "Yes", "color", "color/1.jpg", "Yes."],
+                [2, "Is it blue?", "No", "color", "color/1.jpg", "Yes"],
+                [3, "Is it round?", "Yes", "count", "count/1.jpg", "No"], [4, "q", "No", "count", "count/1.jpg", None]):
+        sheet.append(row)
+    xlsx = tmp_path / "InternVL3-1B_HallusionBench.xlsx"
+    book.save(xlsx)
+    # HallusionBench needs its l2-category column: this file has none (it is MME-like), so it is refused...
+    assert cli_main(["eval", "--score", str(xlsx)]) == 2
+    assert "the HallusionBench profile (hallusion metric) needs a 'l2-category' column" in capsys.readouterr().err
+    # ...and scored with the profile that fits. A missing prediction ('None' in the sheet) is no answer.
+    assert cli_main(["eval", "--score", str(xlsx), "--dataset", "AMBER"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["yes_no"]["correct"] == 1 and summary["vlmevalkit"]["rows"] == [[50.0, 0.0, 25.0]]
+    assert (tmp_path / "InternVL3-1B_HallusionBench_score.csv").is_file()
+
+
 def test_score_our_predictions_for_another_dataset(tmp_path, capsys):
     data = write_tsv(tmp_path / "POPE.tsv", ["index", "question", "answer", "category", "image"],
                      [[1, "q", "Yes", "popular", IMG], [2, "q", "No", "popular", IMG]])

@@ -266,9 +266,11 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
     p.add_argument("--window", type=int, default=0,
                    help="records encoded and sorted by length/tiles together (default 4 x batch size)")
-    p.add_argument("--system", help="system message for every record")
+    p.add_argument("--system", help="system message for every record (eval: replaces the dataset profile's; '' "
+                                    "for none)")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
-    p.add_argument("--max-patches", type=int, default=None, help="most tiles per image (processor default 12)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="most tiles per image (processor default 12; eval: the dataset profile's)")
     add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh for this process, such as tensor=4 (default: one device)")
     p.add_argument("--shard", help="INDEX/COUNT: this independent process's share, e.g. 0/4")

@@ -13,7 +13,7 @@ from typing import Any
 from internvl_jax.runners import eval as ev
 from internvl_jax.runners import profiles as pf
 from internvl_jax.runners.profiles import Profile
-from internvl_jax.runners.records import TableRow, id_key, iter_jsonl, read_table, read_xlsx
+from internvl_jax.runners.records import TableRow, id_key, iter_jsonl, read_table
 from internvl_jax.runners.scoring import format_value
 
 IMAGE_BACKENDS = ("pil", "torchvision")
@@ -114,7 +114,7 @@ def score_file(args: argparse.Namespace) -> int:
             raise ValueError(f"--score {pred_file}: give the benchmark file with --data (the rows' options and "
                              "answers are read from it)")
     else:
-        rows = read_xlsx(pred_file) if suffix == ".xlsx" else read_table(pred_file)
+        rows = read_table(pred_file)
         if rows and rows[0].fields is not None and "prediction" not in rows[0].fields:
             raise ValueError(f"--score {pred_file} has no 'prediction' column")
         by_index = {id_key(r.fields.get("index")): r.fields for r in rows if r.fields is not None}

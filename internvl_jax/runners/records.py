@@ -259,10 +259,13 @@ def _table_rows(path: Path, reader: Iterator[list[str]]) -> list[TableRow]:
 
 
 def read_table(path: str | Path) -> list[TableRow]:
-    """Rows of a benchmark file: VLMEvalKit TSV (`.tsv`) or JSONL (anything else)."""
+    """Rows of a benchmark file: VLMEvalKit TSV (`.tsv`), Excel (`.xlsx`, as VLMEvalKit writes predictions) or
+    JSONL (anything else)."""
     path = Path(path)
     if path.suffix.lower() == ".tsv":
         return read_tsv(path)
+    if path.suffix.lower() == ".xlsx":
+        return read_xlsx(path)
     rows: list[TableRow] = []
     for number, obj, error in iter_jsonl(path):
         where = f"line {number}"

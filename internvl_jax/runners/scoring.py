@@ -4,10 +4,11 @@ Sources (see docs/runners.md for the exact files):
 - the multiple-choice prompt is VLMEvalKit's `build_multi_choice_prompt` for InternVL
   (`vlmeval/vlm/internvl/utils.py`), which InternVL's own `eval/mmbench/evaluate_mmbench.py` also builds:
   hint, question, one `A. text` line per option, then the instruction (Chinese when the prompt has CJK text);
-- option extraction is VLMEvalKit's exact-matching `can_infer` (`vlmeval/utils/matching_util.py`);
+- option extraction is VLMEvalKit's exact-matching `can_infer` (`vlmeval/utils/matching_util.py`, its current
+  form: a lone letter only among the last words, "the answer is X", long answers not text-matched);
 - open questions: exact match (strip + lower-case, any reference answer) and relaxed accuracy (pix2struct's
-  `relaxed_correctness`: 5% relative tolerance for numbers), called the way VLMEvalKit and InternVL's
-  `evaluate_vqa.py` call it.
+  `relaxed_correctness`: 5% tolerance for numbers, relative to the reference answer, as VLMEvalKit's
+  `process_line` calls it). The per-dataset metrics are in `vlmeval_metrics.py`.
 """
 
 from __future__ import annotations
