@@ -196,7 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ev.write_report(summary, out / (profile.name + profile.report_suffix))
         mcq = summary.get("multiple_choice", {}).get("accuracy")
         em = summary.get("open", {}).get("exact_match", {}).get("accuracy")
+        circular = summary.get("circular", {}).get("accuracy")
         scores = ", ".join(s for s in (mcq is not None and f"accuracy {mcq:.4f}",
+                                       circular is not None and f"circular accuracy {circular:.4f}",
                                        em is not None and f"exact match {em:.4f}") if s)
         return (f"scored {len(items)} records ({summary['failed']} failed{', ' + scores if scores else ''}); "
                 f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")

@@ -67,7 +67,7 @@ def show_prompts(args: argparse.Namespace) -> int:
     requests = ev.requests_for(items[: args.show_prompts], profile=profile)
     for item, request in zip(items, requests, strict=False):
         if request.error:
-            print(f"### {item.label()}: error: {request.error}")
+            print(f"### error: {request.error}")
             continue
         text = processor.apply_chat_template(request.conversation, add_generation_prompt=True, tokenize=False)
         print(f"### {item.label()}: {len(item.images)} image(s), at most {request.max_patches} tiles each "
@@ -108,7 +108,7 @@ def score_file(args: argparse.Namespace) -> int:
     if suffix == ".jsonl":
         by_index, run = _predictions_of_run(pred_file)
         data = Path(args.data) if args.data else Path(run["data"]) if run.get("data") else None
-        if args.dataset is None and isinstance(run.get("dataset"), dict):
+        if args.dataset is None and isinstance(run.get("dataset"), dict) and run["dataset"].get("known"):
             args.dataset = run["dataset"].get("name")  # the profile the run used
         if data is None or not data.is_file():
             raise ValueError(f"--score {pred_file}: give the benchmark file with --data (the rows' options and "
