@@ -32,6 +32,7 @@ from internvl_jax.runners.scoring import (
     format_value,
     relaxed_hit,
 )
+from internvl_jax.runners.shards import write_atomic
 
 GROUP_COLUMNS = ("category", "l2-category")
 # Other columns some metrics read: splits, MME's image pairs, MathVista's answer types and skills.
@@ -362,8 +363,7 @@ def write_report(summary: Mapping[str, Any], path: Path) -> Path | None:
     report = summary.get("vlmevalkit")
     if not report or "error" in report:
         return None
-    if "scores" in report:
-        path.write_text(json.dumps(report["scores"], indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
-    else:
-        vm.write_csv(path, (report["header"], report["rows"]))
+    text = (json.dumps(report["scores"], indent=4, ensure_ascii=False) + "\n" if "scores" in report
+            else vm.csv_text((report["header"], report["rows"])))
+    write_atomic(path, text.encode("utf-8"))
     return path

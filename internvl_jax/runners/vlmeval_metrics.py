@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from internvl_jax.runners.scoring import extract_option, format_value, relaxed_correctness
@@ -389,11 +389,12 @@ def mathvista_rating(rows: Sequence[Mapping[str, Any]]) -> Table:
             [[k, tot[k], fetch[k], hit[k], fetch[k] / tot[k] * 100, hit[k] / tot[k] * 100] for k in tot])
 
 
-def write_csv(path: Path, table: Table) -> None:
-    """As VLMEvalKit's `dump` writes a csv (`to_csv(index=False, quoting=QUOTE_ALL)`): every cell quoted,
-    floats as Python's repr."""
+def csv_text(table: Table) -> str:
+    """A table as VLMEvalKit's `dump` writes a csv (`to_csv(index=False, quoting=QUOTE_ALL)`): every cell
+    quoted, floats as Python's repr."""
     header, rows = table
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    return out.getvalue()
