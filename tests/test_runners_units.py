@@ -25,8 +25,9 @@ def test_multiple_choice_prompt_text():
         "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.")
     # Any CJK character anywhere (here only in an option) switches the instruction to Chinese.
     assert sc.build_mcq_prompt("Which?", {"A": "猫", "B": "dog"}).endswith("\nB. dog\n请直接回答选项字母。")
-    # No options: VLMEvalKit's short-answer VQA instruction.
-    assert sc.build_mcq_prompt("How many?", {}) == "How many?\nAnswer the question using a single word or phrase."
+    # No options (MMMU's open questions): build_multi_choice_prompt asks for a direct answer.
+    assert sc.build_mcq_prompt("How many?", {}) == "How many?\nAnswer the question directly."
+    assert sc.build_mcq_prompt("多少？", {}) == "多少？\n请直接回答问题。"
     # Numbers are shown as Python shows them (pandas gives float columns when a cell is empty).
     assert sc.build_mcq_prompt("n?", {"A": 3.0, "B": 4}).split("\n")[1:3] == ["A. 3.0", "B. 4"]
 
@@ -72,9 +73,9 @@ def test_exact_and_relaxed():
     assert sc.relaxed_correctness("10%", "0.1")  # a percentage is a fraction
     assert sc.relaxed_correctness("Yes", "yes") and not sc.relaxed_correctness("yes", "no")
     assert not sc.relaxed_correctness("0", "0.0")  # a zero target compares as text (pix2struct's quirk)
-    # The prediction is the reference point, as VLMEvalKit / InternVL call it: 95.5 vs gold 100.3 is 5.03% of
-    # the prediction (a miss) though only 4.79% of the gold answer.
-    assert sc.relaxed_hit("100", ["95.5"]) and not sc.relaxed_hit("95.5", ["100.3"])
+    # The gold answer is the reference point (VLMEvalKit's process_line passes it as `target`): prediction 95.5
+    # vs gold 100.3 is 4.79% of the gold answer (a hit) though 5.03% of the prediction; swapped, a miss.
+    assert sc.relaxed_hit("95.5", ["100.3"]) and not sc.relaxed_hit("100.3", ["95.5"])
     assert sc.answer_list("['3', 'three']") == ["3", "three"] and sc.answer_list(7) == ["7"]
 
 

@@ -91,13 +91,17 @@ def test_stop_ids_and_bad_requests(model):
     eos = alone(model, good[0])[2]
     stopping = Request(id="stops", ids=good[0].ids, sampling=SamplingConfig(max_new_tokens=19, eos_token_id=(eos,)),
                        pixels=good[0].pixels)
-    long = Request(id="long", ids=np.zeros(250, np.int32), sampling=SamplingConfig(max_new_tokens=10))
+    long = Request(id="long", ids=np.zeros(256, np.int32), sampling=SamplingConfig(max_new_tokens=10))
+    # A prompt that fits with less room than max_new_tokens: its answer ends where the cache row does.
+    tight = Request(id="tight", ids=np.arange(250) % 1000, sampling=SamplingConfig(max_new_tokens=10))
     tiles = Request(id="tiles", ids=np.array(tm.prompt(np.random.default_rng(0), 5, [9], 4)),
                     pixels=np.zeros((9, 3, 56, 56), np.float32))
     bad_setting = Request(id="temp", ids=np.arange(5), sampling=SamplingConfig(do_sample=True, temperature=-1.0))
     no_pixels = Request(id="px", ids=np.array(tm.prompt(np.random.default_rng(0), 5, [1], 4)))
-    done = {c.id: c for c in engine(model, max_tiles=8).run([long, *good, tiles, stopping, bad_setting, no_pixels])}
-    assert "exceeds the 256 slots" in done["long"].error
+    done = {c.id: c for c in engine(model, max_tiles=8).run([long, *good, tiles, stopping, bad_setting, no_pixels,
+                                                              tight])}
+    assert "prompt of 256 tokens does not fit the 256 slots" in done["long"].error
+    assert done["tight"].finish_reason == "cache" and list(done["tight"].tokens) == alone(model, tight)[:6]
     assert "9 tiles exceed the engine's limit of 8" in done["tiles"].error
     assert "temperature must be > 0" in done["temp"].error
     assert "no pixel values" in done["px"].error

@@ -67,7 +67,8 @@ class Completion:
 
     id: Any
     tokens: tuple[int, ...] = ()
-    finish_reason: str | None = None  # "eos" | "length"; None with an error
+    # "eos"; "length" (max_new_tokens); "cache" (the cache row filled first: --cache-len); None with an error
+    finish_reason: str | None = None
     error: str | None = None
     prompt_tokens: int = 0
     first_token_s: float | None = None  # from the start of the run to this request's first token
@@ -259,6 +260,7 @@ class SlotEngine:
         self.lengths = sorted({max(chunk // (1 << i), MIN_PROMPT_BUCKET) for i in range(4)})
         self.host_layers = layer_loop.host_layers(module, params) if mesh is None else None
         self._text = layer_loop.text_params(params) if self.host_layers else None
+        self.room = min(self.cache_len, max_length(self.cfg))  # slots a request's prompt + answer may fill
         self.cache: KVCache | None = None
         self.state: SlotState | None = None
         self.sharding = None if mesh is None else cache_shardings(self.cfg, mesh, slots, self.cache_len)
@@ -276,11 +278,9 @@ class SlotEngine:
             req.sampling.check()
         except ValueError as e:
             return str(e)
-        need = len(ids) + req.sampling.max_new_tokens
-        limit = min(self.cache_len, max_length(self.cfg))
-        if need > limit:
-            return (f"prompt of {len(ids)} tokens + max_new_tokens {req.sampling.max_new_tokens} = {need} exceeds "
-                    f"the {limit} slots a request may use (--cache-len / the model's maximum length)")
+        if len(ids) >= self.room:
+            return (f"prompt of {len(ids)} tokens does not fit the {self.room} slots a request may use "
+                    "(--cache-len / the model's maximum length), with room for one new token")
         if len(req.sampling.eos_token_id) > EOS_WIDTH:
             return f"{len(req.sampling.eos_token_id)} EOS ids given, at most {EOS_WIDTH} are supported"
         n_image = int((ids == self.cfg.image_token_id).sum())
@@ -372,7 +372,12 @@ class SlotEngine:
         values = tuple(np.asarray(x, dt) for x, dt in zip(
             RowSampling.values(s), (bool, np.float32, np.int32, np.float32, np.float32), strict=True))
         self.state = _insert_fn()(self.state, np.int32(job.row), logits, np.asarray(jax.random.PRNGKey(s.seed)),
-                                  np.int32(s.max_new_tokens), eos, values, seen)
+                                  np.int32(self.new_tokens(job.request)), eos, values, seen)
+
+    def new_tokens(self, req: Request) -> int:
+        """The request's answer length limit: max_new_tokens, or fewer when the cache row fills first (its
+        answer then ends with finish_reason "cache", as vLLM's end at max_model_len)."""
+        return min(req.sampling.max_new_tokens, self.room - len(req.ids))
 
     def _decode(self, features: tuple[bool, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
         """Decode steps until a row ends (at most `decode_steps`): tokens [R, n] and the rows that ended [R]."""
@@ -451,7 +456,7 @@ class SlotEngine:
                     if ended[row]:
                         del active[row]
                         free.append(row)
-                        yield _completion(act, now)
+                        yield _completion(act, now, self.new_tokens(act.request))
                 yield from refill()
 
     def _pack(self, ready: list[_Job]) -> list[_Job]:
@@ -468,9 +473,12 @@ class SlotEngine:
         return pack
 
 
-def _completion(act: _Active, now: float) -> Completion:
+def _completion(act: _Active, now: float, limit: int) -> Completion:
     s = act.request.sampling
-    reason = "eos" if act.tokens and act.tokens[-1] in s.eos_token_id else "length"
+    if act.tokens and act.tokens[-1] in s.eos_token_id:
+        reason = "eos"
+    else:
+        reason = "length" if limit == s.max_new_tokens else "cache"
     return Completion(id=act.request.id, tokens=tuple(act.tokens), finish_reason=reason,
                       prompt_tokens=len(act.request.ids), first_token_s=act.first, seconds=now)
 

@@ -16,7 +16,7 @@ import jinja2.ext
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .loading import InputError, check_text
+from .loading import InputError, Reworked, check_text
 
 # Keys transformers reads a medium from, in its order.
 IMAGE_KEYS = ("image", "url", "path", "base64")
@@ -181,7 +181,10 @@ def collect_media(conversations: list[list[dict]], is_batched: bool) -> list[lis
                 kind = block["type"]
                 if kind in ("image", "video"):
                     key = next(key for key in (IMAGE_KEYS if kind == "image" else VIDEO_KEYS) if key in block)
-                    media.append(Media(kind, block[key], f"{where}, message {m}, content {k} ({kind})"))
+                    source = block[key]
+                    if kind == "image" and (block.get("upscale") or block.get("save_as")):
+                        source = Reworked(source, int(block.get("upscale") or 1), block.get("save_as"))
+                    media.append(Media(kind, source, f"{where}, message {m}, content {k} ({kind})"))
         batch.append(media)
     return batch
 

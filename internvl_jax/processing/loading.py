@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import os
 import pathlib
@@ -127,15 +128,18 @@ def _b64decode(payload: str, name: str, source: Any) -> bytes:
         raise InputError(f"{name}: invalid base64 in {describe(source)}: {exc}") from exc
 
 
-def open_image(source: str | os.PathLike, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> Image.Image:
+def open_image(source: str | os.PathLike, name: str, timeout: float = DEFAULT_TIMEOUT_S,
+               exif_transpose: bool = True) -> Image.Image:
     """Decode an image source fully (so truncation and decompression bombs surface here) and return it
-    upright and in RGB, as transformers' `load_image` does."""
+    upright and in RGB, as transformers' `load_image` does (`exif_transpose=False`: as stored, as
+    `Image.open(f).convert('RGB')` gives it -- InternVL's own loader and VLMEvalKit)."""
     data, path = read_source_bytes(source, name, timeout)
     try:
         image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
         # In place and without a same-mode convert: each copy of a large decoded image costs 4 bytes a pixel.
-        ImageOps.exif_transpose(image, in_place=True)
+        if exif_transpose:
+            ImageOps.exif_transpose(image, in_place=True)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise InputError(
@@ -208,8 +212,45 @@ def array_to_rgb(array: np.ndarray, backend: str, name: str) -> np.ndarray:
     return (blended * np.float32(255 + 1.0 - 1e-3)).astype(np.uint8)
 
 
-def load_rgb(source: Any, backend: str, name: str, timeout: float = DEFAULT_TIMEOUT_S) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Reworked:
+    """An image source with the changes an evaluation harness makes before tiling (image blocks with
+    `"upscale": 2` / `"save_as": "jpeg"`): VLMEvalKit stores a base64 image under its `image_path` name, so a
+    `.jpg` one is re-encoded as JPEG (Pillow's defaults), and MMMU's first image is resized 2x (bilinear)."""
+
+    source: str | os.PathLike
+    upscale: int = 1
+    save_as: str | None = None  # "jpeg": encoded and decoded once more
+
+
+def _reworked(job: Reworked, name: str, timeout: float, exif_transpose: bool) -> Image.Image:
+    if job.save_as == "jpeg":
+        # As VLMEvalKit's decode_base64_to_image_file: only RGBA / P / LA become RGB before the save.
+        data, path = read_source_bytes(job.source, name, timeout)
+        try:
+            image = Image.open(io.BytesIO(data) if data is not None else path)
+            image.load()
+            if exif_transpose:
+                ImageOps.exif_transpose(image, in_place=True)
+            if image.mode in ("RGBA", "P", "LA"):
+                image = image.convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG")
+            image = Image.open(buffer).convert("RGB")
+        except Exception as exc:  # Pillow's decoders and encoders fail with many exception types
+            raise InputError(f"{name}: cannot read {describe(job.source)} as an image: {exc}") from exc
+    else:
+        image = open_image(job.source, name, timeout, exif_transpose)
+    if job.upscale != 1:
+        image = image.resize((image.width * job.upscale, image.height * job.upscale), Image.BILINEAR)
+    return image
+
+
+def load_rgb(source: Any, backend: str, name: str, timeout: float = DEFAULT_TIMEOUT_S,
+             exif_transpose: bool = True) -> np.ndarray:
     """Any accepted image source -> (H, W, 3) uint8 RGB array."""
+    if isinstance(source, Reworked):
+        return rgb_array(_reworked(source, name, timeout, exif_transpose))
     if isinstance(source, Image.Image):
         try:
             rgb = pil_to_rgb(source)
@@ -218,7 +259,7 @@ def load_rgb(source: Any, backend: str, name: str, timeout: float = DEFAULT_TIME
     elif isinstance(source, np.ndarray):
         rgb = array_to_rgb(source, backend, name)
     elif isinstance(source, (str, os.PathLike)):
-        rgb = rgb_array(open_image(source, name, timeout))
+        rgb = rgb_array(open_image(source, name, timeout, exif_transpose))
     else:
         raise InputError(f"{name}: unsupported image type {type(source).__name__}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

@@ -143,6 +143,7 @@ class InternVLProcessor:
         chat_template: str | None = None,
         image_backend: str = "torchvision",
         timeout: float = DEFAULT_TIMEOUT_S,
+        exif_transpose: bool = True,
     ) -> None:
         if image_backend not in IMAGE_BACKENDS:
             raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
@@ -153,6 +154,7 @@ class InternVLProcessor:
         self.chat_template = chat_template
         self.image_backend = image_backend
         self.timeout = timeout
+        self.exif_transpose = exif_transpose  # False: images as stored (what InternVL's original loader sees)
         tokens = {key: tokenizer.special_tokens_map.get(key, default) for key, default in DEFAULT_TOKENS.items()}
         self.start_image_token = tokens["start_image_token"]
         self.end_image_token = tokens["end_image_token"]
@@ -180,6 +182,7 @@ class InternVLProcessor:
         image_backend: str = "torchvision",
         timeout: float = DEFAULT_TIMEOUT_S,
         revision: str | None = None,
+        exif_transpose: bool = True,
     ) -> InternVLProcessor:
         """Load from a checkpoint directory laid out like `OpenGVLab/InternVL3-1B-hf` (or a hub id, fetched
         with huggingface_hub)."""
@@ -207,6 +210,7 @@ class InternVLProcessor:
             chat_template=chat_template,
             image_backend=image_backend,
             timeout=timeout,
+            exif_transpose=exif_transpose,
         )
 
     # --- ids the engine needs --------------------------------------------------------------------------------
@@ -446,7 +450,9 @@ class InternVLProcessor:
             )
         config = self._image_config(**image_kwargs)
         image_pixels = [
-            process_image(load_rgb(src, self.image_backend, name, self.timeout), config, self.image_backend)
+            process_image(
+                load_rgb(src, self.image_backend, name, self.timeout, self.exif_transpose), config, self.image_backend
+            )
             for src, name in image_items
         ]
         video_pixels = [

@@ -93,10 +93,14 @@ def result(request: Request, *, text: str | None = None, prompt_tokens: int | No
     return out
 
 
-def encode(processor: Any, request: Request, template: Mapping[str, Any], room: int) -> Encoded | dict:
-    """One record -> token ids and pixels, or its failed result line. `room`: the longest prompt allowed."""
+def encode(processor: Any, request: Request, template: Mapping[str, Any], room: int,
+           limit: str = "leave no room for max_new_tokens within the model's maximum length") -> Encoded | dict:
+    """One record -> token ids and pixels, or its failed result line. `room`: the longest prompt allowed, and
+    `limit` what sets it (for the message)."""
     if request.error is not None:
         return result(request, error=request.error)
+    if request.max_patches is not None:  # the record's own tile budget (eval profiles) wins over the run's
+        template = {**template, "max_patches": request.max_patches}
     try:
         inputs = processor.apply_chat_template(request.conversation, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, **template)
@@ -106,8 +110,8 @@ def encode(processor: Any, request: Request, template: Mapping[str, Any], room: 
     ids = np.asarray(inputs["input_ids"])[0]
     if len(ids) > room:
         return result(request, prompt_tokens=int(len(ids)),
-                      error=f"{request.label()}: prompt too long: {len(ids)} tokens leave no room for "
-                            f"max_new_tokens within the model's maximum length (at most {room} prompt tokens)")
+                      error=f"{request.label()}: prompt too long: {len(ids)} tokens {limit} (at most {room} "
+                            "prompt tokens)")
     pixels = inputs.get("pixel_values")
     return Encoded(request, ids, None if pixels is None else np.asarray(pixels))
 
@@ -276,7 +280,6 @@ def run_slots(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
     base = model.generation_config.update(**opts.generation)
     engine = engine_slots.SlotEngine(model.module, model.params, slots=opts.slots, cache_len=opts.cache_len,
                                      mesh=model.mesh)
-    room = min(max_length(model.config), engine.cache_len)
     stats, start = Stats(), time.perf_counter()
     bar = _progress(len(pending), opts.progress)
     by_row: dict[int, Encoded] = {}
@@ -294,10 +297,11 @@ def run_slots(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
 
     def encode_one(req: Request) -> Encoded | dict:
         try:
-            sampling = record_sampling(base, req)
+            record_sampling(base, req)
         except ValueError as e:
             return result(req, error=f"{req.label()}: {e}")
-        return encode(processor, req, opts.template, room - sampling.max_new_tokens)
+        return encode(processor, req, opts.template, engine.room - 1,
+                      "leave no room for an answer in a decode slot (--cache-len, the model's maximum length)")
 
     def engine_requests(pool: ThreadPoolExecutor) -> Iterator[engine_slots.Request]:
         for enc in encoded_ahead(pool, pending, encode_one, max(opts.slots, 4)):

@@ -15,7 +15,7 @@ from typing import Any
 
 from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 from internvl_jax.runners import shards
-from internvl_jax.runners.records import Request, id_key, read_prompts, read_table
+from internvl_jax.runners.records import Request, id_key, read_prompts
 from internvl_jax.runners.shards import RunMismatch, Share
 
 
@@ -54,7 +54,8 @@ def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: 
     ids = hashlib.sha256("\n".join(id_key(r.id) for r in requests).encode("utf-8")).hexdigest()
     fp = {"kind": kind, "model": str(directory.resolve()), "dtype": args.dtype, "records": len(requests),
           "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
-          "system": args.system, "save_token_ids": args.save_token_ids}
+          "system": args.system, "save_token_ids": args.save_token_ids,
+          **({"profile": args.profile} if getattr(args, "profile", None) else {})}  # eval: its dataset profile
     if sampling.do_sample:  # the slot engine seeds each record by its row; static batches draw per batch
         fp["engine"] = "slots" if getattr(args, "slots", 0) else "static"
     return json.loads(json.dumps(fp))  # as it reads back from the file (tuples become lists)
@@ -120,7 +121,8 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
         print("internvl-jax: note: sampled answers depend on which rows share a batch, so a resumed or sharded "
               "run is not token-identical to an uninterrupted one (greedy runs are)", file=sys.stderr)
     model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
-    processor = InternVLProcessor.from_pretrained(directory)
+    # eval: its profile's image backend, and no EXIF rotation (VLMEvalKit's PIL loading applies none).
+    processor = InternVLProcessor.from_pretrained(directory, **getattr(args, "processor", {}))
     opts = RunOptions(slots=args.slots, cache_len=args.cache_len, batch_size=args.batch_size, window=args.window,
                       generation=generation_kwargs(args),
                       template=template_kwargs(args), save_token_ids=args.save_token_ids,
@@ -164,7 +166,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 # ----- eval -----
 def cmd_eval(args: argparse.Namespace) -> int:
     from internvl_jax.runners import eval as ev
+    from internvl_jax.runners import eval_cli
 
+    if args.score:
+        return eval_cli.score_file(args)
+    if args.show_prompts is not None:
+        return eval_cli.show_prompts(args)
     share, distributed = resolve_share(args)
     data, out = Path(args.data), Path(args.output)
     if not data.is_file():
@@ -174,19 +181,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_eval_directory(out)
     check_outputs("--output", out, {"--data": data}, [out / "predictions.jsonl", out / "summary.json"],
                   out / "run.json", None if args.merge_only else shards.part_path(out / "results.jsonl", share))
-    items = ev.items_from_rows(read_table(data), data, Path(args.image_root) if args.image_root else None)
-    requests = ev.requests_for(items, args.system)
+    profile, items, dropped = eval_cli.load_items(args, data)
+    # VLMEvalKit decodes greedily with its own token budget; the run records (and resumes with) the profile.
+    args.do_sample = bool(args.do_sample)
+    args.max_new_tokens = profile.max_new_tokens
+    args.profile = profile.as_dict()
+    args.processor = {"image_backend": profile.image_backend, "exif_transpose": False}
+    requests = ev.requests_for(items, profile=profile)
 
     def finish(lines: list[bytes]) -> str:
-        predictions, summary = ev.score(items, [json.loads(line) for line in lines])
-        summary = {"data": str(data), **summary}
+        predictions, summary = ev.score(items, [json.loads(line) for line in lines], profile)
+        summary = {"data": str(data), "dataset": profile.as_dict(), "dropped_without_image": dropped, **summary}
         shards.write_atomic(out / "predictions.jsonl",
                             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode("utf-8"))
         shards.write_atomic(out / "summary.json",
                             (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        ev.write_report(summary, out / (profile.name + profile.report_suffix))
         mcq = summary.get("multiple_choice", {}).get("accuracy")
         em = summary.get("open", {}).get("exact_match", {}).get("accuracy")
+        circular = summary.get("circular", {}).get("accuracy")
         scores = ", ".join(s for s in (mcq is not None and f"accuracy {mcq:.4f}",
+                                       circular is not None and f"circular accuracy {circular:.4f}",
                                        em is not None and f"exact match {em:.4f}") if s)
         return (f"scored {len(items)} records ({summary['failed']} failed{', ' + scores if scores else ''}); "
                 f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
@@ -247,8 +262,8 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--input", required=True, help="JSONL: one {id, messages | prompt [+ images/video]} a line")
         p.add_argument("--output", required=True, help="results JSONL (written in input order at the end)")
     else:
-        p.add_argument("--data", required=True, help="benchmark file: VLMEvalKit TSV or JSONL rows")
-        p.add_argument("--output", required=True, help="directory for predictions.jsonl and summary.json")
+        p.add_argument("--data", help="benchmark file: VLMEvalKit TSV or JSONL rows")
+        p.add_argument("--output", help="directory for predictions.jsonl and summary.json")
         p.add_argument("--image-root", help="directory that relative image_path values are under "
                                             "(default: the data file's directory)")
     p.add_argument("--model", help="checkpoint directory (or a hub id); not needed with --merge-only")
@@ -263,9 +278,11 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--window", type=int, default=0,
                    help="with --slots 0: records encoded and sorted by length/tiles together (default 4 x batch "
                         "size)")
-    p.add_argument("--system", help="system message for every record")
+    p.add_argument("--system", help="system message for every record (eval: replaces the dataset profile's; '' "
+                                    "for none)")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled from each video")
-    p.add_argument("--max-patches", type=int, default=None, help="most tiles per image (processor default 12)")
+    p.add_argument("--max-patches", type=int, default=None,
+                   help="most tiles per image (processor default 12; eval: the dataset profile's)")
     add_generation_arguments(p)
     p.add_argument("--mesh", help="device mesh for this process, such as tensor=4 (default: one device)")
     p.add_argument("--shard", help="INDEX/COUNT: this independent process's share, e.g. 0/4")
@@ -274,9 +291,24 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--process-id", type=int, help="jax.distributed process index")
     p.add_argument("--merge-only", action="store_true", help="only merge finished parts (and score)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if kind == "eval":
+        from internvl_jax.runners import eval_cli
+
+        eval_cli.add_arguments(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if hasattr(args, "data_file"):  # eval
+        if args.data and args.data_file:
+            raise ValueError(f"give the data file once: --data {args.data} or {args.data_file}")
+        args.data = args.data or args.data_file
+        if not args.data and not args.score:
+            raise ValueError("the benchmark file is required: --data DATA (or DATA)")
+        if not args.output and args.score is None and args.show_prompts is None:
+            raise ValueError("--output DIR is required (except with --score or --show-prompts)")
+        if args.score:
+            check_generation_arguments(args)
+            return  # scoring needs no model
     if not args.merge_only and not args.model:
         raise ValueError("--model is required (except with --merge-only)")
     check_generation_arguments(args)  # --temperature inf, --num-frames 0, ...: named before anything loads

@@ -38,8 +38,9 @@ class Request:
     where: str  # "line 7" / "row 7": for messages
     conversation: list[dict] | None = None
     error: str | None = None
-    # The record's own generation options (RECORD_OPTIONS), over the command's; used by the slot engine.
+    # The record's own generation options (RECORD_OPTIONS, eval profiles' max_new_tokens), over the command's.
     generation: Mapping[str, Any] = field(default_factory=dict)
+    max_patches: int | None = None  # the record's own tile budget per image (eval profiles)
 
     def label(self) -> str:
         return f"record {self.id!r} ({self.where})" if self.id is not None else f"record at {self.where}"
@@ -54,7 +55,8 @@ def id_key(value: Any) -> str:
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed object or None, error) for every non-blank line."""
     number = 0
-    with open(path, encoding="utf-8") as f, _text_file(path, "JSONL", lambda: number):
+    # utf-8-sig: a byte-order mark (Windows editors, Excel exports) is not part of the first record.
+    with open(path, encoding="utf-8-sig") as f, _text_file(path, "JSONL", lambda: number):
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -247,7 +249,7 @@ def _number(text: str, kind: type) -> bool:
 def read_tsv(path: Path) -> list[TableRow]:
     # Base64 images are far longer than csv's default field limit (128 KiB).
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a byte-order mark is not part of the header
         reader = csv.reader(f, delimiter="\t")
         with _text_file(path, "a tab-separated file", lambda: reader.line_num):
             return _table_rows(path, reader)
@@ -285,10 +287,13 @@ def _table_rows(path: Path, reader: Iterator[list[str]]) -> list[TableRow]:
 
 
 def read_table(path: str | Path) -> list[TableRow]:
-    """Rows of a benchmark file: VLMEvalKit TSV (`.tsv`) or JSONL (anything else)."""
+    """Rows of a benchmark file: VLMEvalKit TSV (`.tsv`), Excel (`.xlsx`, as VLMEvalKit writes predictions) or
+    JSONL (anything else)."""
     path = Path(path)
     if path.suffix.lower() == ".tsv":
         return read_tsv(path)
+    if path.suffix.lower() == ".xlsx":
+        return read_xlsx(path)
     rows: list[TableRow] = []
     for number, obj, error in iter_jsonl(path):
         where = f"line {number}"
@@ -299,3 +304,29 @@ def read_table(path: str | Path) -> list[TableRow]:
         else:
             rows.append(TableRow(where, dict(obj)))
     return rows
+
+
+def read_xlsx(path: Path) -> list[TableRow]:
+    """Rows of an Excel sheet (VLMEvalKit writes its predictions as .xlsx), typed as openpyxl reads them;
+    pandas' NA strings are missing, as `pd.read_excel` reads them."""
+    try:
+        import openpyxl
+    except ImportError:
+        raise ValueError(f"{path}: reading .xlsx needs openpyxl: pip install 'internvl-jax[xlsx]' (or give the "
+                         "predictions as .tsv)") from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # noqa: BLE001 (zipfile / openpyxl raise many types for a file that is not xlsx)
+        raise ValueError(f"{path} is not a readable .xlsx file: {type(e).__name__}: {e}") from None
+    try:
+        lines = book.worksheets[0].iter_rows(values_only=True)
+        header = [str(h) for h in next(lines, ())]
+        rows = []
+        for k, values in enumerate(lines):
+            if all(v is None for v in values):
+                continue
+            cells = [_parse_cell(v) if isinstance(v, str) else v for v in values]
+            rows.append(TableRow(f"row {k + 1}", dict(zip(header, cells, strict=False))))
+        return rows
+    finally:
+        book.close()

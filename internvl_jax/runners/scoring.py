@@ -4,10 +4,11 @@ Sources (see docs/runners.md for the exact files):
 - the multiple-choice prompt is VLMEvalKit's `build_multi_choice_prompt` for InternVL
   (`vlmeval/vlm/internvl/utils.py`), which InternVL's own `eval/mmbench/evaluate_mmbench.py` also builds:
   hint, question, one `A. text` line per option, then the instruction (Chinese when the prompt has CJK text);
-- option extraction is VLMEvalKit's exact-matching `can_infer` (`vlmeval/utils/matching_util.py`);
+- option extraction is VLMEvalKit's exact-matching `can_infer` (`vlmeval/utils/matching_util.py`, its current
+  form: a lone letter only among the last words, "the answer is X", long answers not text-matched);
 - open questions: exact match (strip + lower-case, any reference answer) and relaxed accuracy (pix2struct's
-  `relaxed_correctness`: 5% relative tolerance for numbers), called the way VLMEvalKit and InternVL's
-  `evaluate_vqa.py` call it.
+  `relaxed_correctness`: 5% tolerance for numbers, relative to the reference answer, as VLMEvalKit's
+  `process_line` calls it). The per-dataset metrics are in `vlmeval_metrics.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 
 MCQ_INSTRUCTION_EN = "Answer with the option's letter from the given choices directly."
 MCQ_INSTRUCTION_CN = "请直接回答选项字母。"
+# A multiple-choice row without options (MMMU's open questions).
+DIRECT_INSTRUCTION_EN = "Answer the question directly."
+DIRECT_INSTRUCTION_CN = "请直接回答问题。"
 # VLMEvalKit's InternVL prompt for short-answer VQA sets (ChartQA, DocVQA, TextVQA, ... and its default).
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 # Extraction result for an answer that refuses (VLMEvalKit's 'Z'); it never equals a real option.
@@ -30,6 +34,10 @@ _REFUSALS = (
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
 )
+# VLMEvalKit's mark of a failed API call (`INFER_FAIL_MSG`): such an answer chooses nothing.
+API_FAILURE = "Failed to obtain answer via API"
+# "The correct answer is **B**": a verbose answer whose letter is not among its last words.
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 _CJK = re.compile("[\u4e00-\u9fff]")
 _PUNCT = ".()[],:;!*#{}"
 
@@ -45,13 +53,15 @@ def format_value(value: Any) -> str:
 
 
 def build_mcq_prompt(question: str, options: Mapping[str, Any], hint: str | None = None) -> str:
-    """hint + question + `A. text` lines + the instruction; an item without options gets the open form."""
+    """hint + question + `A. text` lines + the instruction (`build_multi_choice_prompt`); a row without
+    options is asked to be answered directly."""
     prompt = question if hint is None else f"{hint}\n{question}"
     for letter, text in options.items():
         prompt += f"\n{letter}. {format_value(text)}"
+    chinese = cn_string(prompt)
     if options:
-        return prompt + ("\n" + MCQ_INSTRUCTION_CN if cn_string(prompt) else "\n" + MCQ_INSTRUCTION_EN)
-    return prompt + "\n" + OPEN_INSTRUCTION
+        return prompt + "\n" + (MCQ_INSTRUCTION_CN if chinese else MCQ_INSTRUCTION_EN)
+    return prompt + "\n" + (DIRECT_INSTRUCTION_CN if chinese else DIRECT_INSTRUCTION_EN)
 
 
 def _letters_in(words: Sequence[str], letters: Iterable[str]) -> list[str]:
@@ -59,8 +69,12 @@ def _letters_in(words: Sequence[str], letters: Iterable[str]) -> list[str]:
 
 
 def infer_option_letter(answer: str, options: Mapping[str, Any]) -> str | None:
-    """VLMEvalKit's `can_infer_option`: exactly one option letter standing alone as a word (after
-    turning `.()[],:;!*#{}` into spaces): "B", "(C)", "The answer is C."; a refusal gives 'Z'."""
+    """VLMEvalKit's `can_infer_option` (vlmeval/utils/matching_util.py): after turning `.()[],:;!*#{}` into
+    spaces, exactly one option letter standing alone as a word, and among the last four words ("B", "(C)",
+    "I think it is C"); no letter but a lone 'Z', or a refusal phrase, gives 'Z'; otherwise "(the) (correct)
+    answer is X" (X one of A-D, any case, among the options) anywhere. An API-failure text is no answer."""
+    if API_FAILURE in answer:
+        return None
     for refusal in _REFUSALS:
         if refusal in answer:
             return REFUSED
@@ -69,22 +83,29 @@ def infer_option_letter(answer: str, options: Mapping[str, Any]) -> str | None:
         text = text.replace(c, " ")
     words = [w.strip() for w in text.split()]
     found = _letters_in(words, options)
-    if len(found) == 1:
+    if len(found) == 1 and words.index(found[0]) > len(words) - 5:
         return found[0]
     if not found and REFUSED in words:
         return REFUSED
+    match = _ANSWER_IS.search(answer)
+    if match and match.group(1).upper() in options:
+        return match.group(1).upper()
     return None
 
 
 def infer_option_text(answer: str, options: Mapping[str, Any]) -> str | None:
-    """VLMEvalKit's `can_infer_text`: exactly one option's text occurs in the answer (case-insensitive)."""
+    """VLMEvalKit's `can_infer_text`: exactly one option's text occurs in the answer (case-insensitive); an
+    answer more than twice as long as all option texts together is not matched at all."""
     lowered = answer.lower()
+    if len(lowered) > 2 * sum(len(format_value(v)) for v in options.values()):
+        return None
     hits = [k for k, v in options.items() if format_value(v).lower() in lowered]
     return hits[0] if len(hits) == 1 else None
 
 
 def extract_option(answer: Any, options: Mapping[str, Any]) -> str | None:
-    """The chosen option letter, 'Z' for a refusal, None when nothing can be inferred (scored as wrong)."""
+    """VLMEvalKit's `can_infer`: the chosen option letter, 'Z' for a refusal, None when nothing can be
+    inferred (scored as wrong, as its `exact_matching` judge does)."""
     text = "" if answer is None else str(answer)
     return infer_option_letter(text, options) or infer_option_text(text, options)
 
@@ -123,9 +144,9 @@ def relaxed_correctness(target: str, prediction: str, max_relative_change: float
 
 
 def relaxed_hit(prediction: str, answers: Sequence[str]) -> bool:
-    # VLMEvalKit (`vqa_eval.process_line`) and InternVL (`evaluate_vqa.evaluate_relaxed_accuracy`) both pass
-    # the stripped prediction as `target`, so the 5% is relative to the prediction: kept for equal numbers.
-    return any(relaxed_correctness(prediction.strip(), a) for a in answers)
+    # VLMEvalKit (`vqa_eval.process_line`, method 'relaxed_accuracy') passes each reference answer as
+    # `target`: the 5% is relative to the reference.
+    return any(relaxed_correctness(a, prediction.strip()) for a in answers)
 
 
 def exact_hit(prediction: str, answers: Sequence[str]) -> bool:
