@@ -19,6 +19,7 @@ from internvl_jax import checkpoint, weights
 from internvl_jax.config import InternVLConfig
 from internvl_jax.engine import generate as engine
 from internvl_jax.engine.sampling import SamplingConfig
+from internvl_jax.engine.vision import image_features
 from internvl_jax.hub import resolve
 from internvl_jax.inputs import check_inputs, check_pixels
 from internvl_jax.model.attention import KeyMask
@@ -211,8 +212,8 @@ def stage_outputs(sown: dict) -> dict[str, jax.Array]:
 
 @functools.lru_cache(maxsize=16)
 def _image_fn(module: InternVLModule) -> Callable:
-    return jax.jit(lambda params, pixels: module.apply({"params": params}, pixels,
-                                                       method=InternVLModule.image_features))
+    # A few tiles at a time (engine/vision.py): memory follows the group, not the number of tiles.
+    return jax.jit(lambda params, pixels: image_features(module, params, pixels))
 
 
 @functools.lru_cache(maxsize=16)
