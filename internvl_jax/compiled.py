@@ -249,6 +249,31 @@ def decode_bytes(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dty
                        temp=program.temp, copies=tuple(copied_bytes(step.as_text())), program=program)
 
 
+# ----- the user-facing forward on a mesh (issue 13, item 7) -----
+def forward_program(config: InternVLConfig, mesh: Mesh, batch: int, length: int, tiles: int, dtype: str = "float32"
+                    ) -> tuple[Program, jax.stages.Compiled | None]:
+    """`InternVL.__call__` (every position's logits) on `batch` rows of `length` tokens and `tiles` images, compiled
+    as it runs on `mesh`: its own jitted function, inputs split over the data axis, traced under the mesh."""
+    from internvl_jax.modeling import _logits_fn
+
+    v, d = config.vision, as_dtype(dtype)
+    params = abstract_params_on(config, mesh, dtype)
+    rows = functools.partial(_rows, mesh)
+    pixels = rows((tiles, v.num_channels, v.image_size, v.image_size), d) if tiles else None
+    args = (params, rows((batch, length), jnp.int32), pixels, rows((batch, length), jnp.int32),
+            rows((batch, length), jnp.int32))
+    with jax.set_mesh(mesh):
+        return Program.compile("forward", lambda: _logits_fn(module_for(config, dtype), 0).lower(*args))
+
+
+_GATHER = re.compile(r"= \(?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(")
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of the all-gathers in an optimized HLO module."""
+    return [tuple(int(x) for x in dims.split(",") if x) for _, dims in _GATHER.findall(hlo)]
+
+
 # ----- the compiled plan (`internvl-jax plan --target tpu:...`) -----
 def vision_program(config: InternVLConfig, mesh: Mesh, tiles: int, dtype: str) -> Program:
     """The vision tower and projector on `tiles` tiles (split over the data axis)."""

@@ -12,6 +12,7 @@ from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.projector import Projector, tokens_from_patches
 from internvl_jax.model.vision import VisionTower
+from internvl_jax.rules import constrain
 
 
 def merge_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_token_id: int,
@@ -57,6 +58,7 @@ class InternVLModule(nn.Module):
             hidden = self.vision(pixels)
         with jax.named_scope("projector"):
             features = self.projector(tokens_from_patches(hidden, self.cfg))
+        features = constrain(features, ("tiles", "patches", "act_embed"))
         self.sow(HIDDEN, "projected", features)
         return features
 
@@ -69,6 +71,7 @@ class InternVLModule(nn.Module):
         if pixels is not None:
             x = merge_image_features(x, ids, self.image_features(pixels), self.cfg.image_token_id,
                                      feature_rows)
+        x = constrain(x, ("batch", "length", "act_embed"))
         hidden, cache = self.text(x, positions, mask, cache, empty_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
