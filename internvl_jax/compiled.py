@@ -100,7 +100,10 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 def has_cuda_plugin() -> bool:
     import importlib.util
 
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+    try:  # the plugins live in the `jax_plugins` namespace package, absent when none is installed
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+    except ModuleNotFoundError:
+        return False
 
 
 def gpu_target_config(target: Target) -> str:
