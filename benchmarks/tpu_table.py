@@ -117,11 +117,23 @@ def main() -> None:
     p.add_argument("--mesh-target", default="tpu:v5p:2x2x2", help="the slice of the mesh comparison")
     p.add_argument("--mesh-presets", default="8B,78B")
     args = p.parse_args()
-    rows = [smallest_fit(name, gen, batch) for name in args.presets.split(",") for gen in SLICES for batch in BATCHES]
-    meshes = [compile_row(name, args.mesh_target, parse_mesh_spec(m), 32)
+    # Every compiled row is kept in --out as it comes (a run takes tens of minutes): a rerun compiles only the rest.
+    done = json.loads(args.out.read_text()).get("compiled", {}) if args.out.exists() else {}
+
+    def compile_once(name: str, target: str, mesh: dict[str, int], batch: int) -> dict:
+        key = f"{name} {target} {','.join(f'{a}={n}' for a, n in mesh.items())} {batch}"
+        if key not in done:
+            done[key] = compile_row(name, target, mesh, batch)
+            args.out.write_text(json.dumps({"context": CONTEXT, "dtype": "bfloat16", "compiled": done}, indent=1))
+            print(key, "fits" if done[key]["fits"] else "does not fit", flush=True)
+        return done[key]
+
+    rows = [smallest_fit(name, gen, batch, compile_once) for name in args.presets.split(",") for gen in SLICES
+            for batch in BATCHES]
+    meshes = [compile_once(name, args.mesh_target, parse_mesh_spec(m), 32)
               for name in args.mesh_presets.split(",") for m in MESHES]
-    args.out.write_text(json.dumps({"context": CONTEXT, "dtype": "bfloat16", "smallest": rows, "meshes": meshes},
-                                   indent=1))
+    args.out.write_text(json.dumps({"context": CONTEXT, "dtype": "bfloat16", "smallest": rows, "meshes": meshes,
+                                    "compiled": done}, indent=1))
     print(table(rows), "\n", mesh_table(meshes), sep="\n")
 
 

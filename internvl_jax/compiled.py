@@ -319,7 +319,7 @@ def forward_program(config: InternVLConfig, mesh: Mesh, batch: int, length: int,
     pixels = rows((tiles, v.num_channels, v.image_size, v.image_size), d) if tiles else None
     args = (params, rows((batch, length), jnp.int32), pixels, rows((batch, length), jnp.int32),
             rows((batch, length), jnp.int32))
-    with jax.set_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as `InternVL._run` traces it
         return Program.compile("forward", lambda: _logits_fn(module_for(config, dtype), 0).lower(*args))
 
 

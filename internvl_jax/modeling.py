@@ -133,7 +133,8 @@ class InternVL:
         if self.mesh is None:
             return fn(params, *inputs)
         placed = [None if x is None else jax.device_put(x, batch_sharding(self.mesh, np.shape(x))) for x in inputs]
-        with jax.set_mesh(self.mesh):
+        # The abstract mesh, not `jax.set_mesh`: that refuses to be entered under a trace (`jax.grad` of `loss`).
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             return fn(params, *placed)
 
     def generate(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,

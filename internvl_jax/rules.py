@@ -7,9 +7,10 @@ heads on a tensor axis of 4, the 6B vision tower's 25 heads, the 151674-token vo
 tensor axis of 4), so every model runs on every mesh, and the memory planner reports what that costs.
 
 `spec_for` turns axes into a PartitionSpec (weights, caches and inputs: `internvl_jax.sharding`); `constrain` pins
-an activation to it inside a program traced under a mesh (`jax.set_mesh`), and does nothing without one (one
-device, or the engine, which places its inputs and cache itself). This module imports nothing of ours: the
-model modules call it, and `internvl_jax.sharding` (which reads the modules' declarations) builds on it.
+an activation to it inside a program traced under a mesh (`jax.sharding.use_abstract_mesh`, as `InternVL` does, or
+`jax.set_mesh`), and does nothing without one (one device, or the engine, which places its inputs and cache
+itself). This module imports nothing of ours: the model modules call it, and `internvl_jax.sharding` (which reads
+the modules' declarations) builds on it.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | Mapp
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Lay an activation out as the table says for its logical `axes`, under the mesh the program is traced with
-    (`jax.set_mesh`); without one, `x` unchanged. Left to itself XLA propagates whatever the weights suggest, and
+    """Lay an activation out as the table says for its logical `axes`, under the mesh the program is traced with;
+    without one, `x` unchanged. Left to itself XLA propagates whatever the weights suggest, and
     a forward on a mesh kept its inputs and logits whole on every chip (issue 13, item 7)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

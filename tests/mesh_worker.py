@@ -41,6 +41,11 @@ def main(out: str) -> None:
     ref_logits = np.asarray(base(ids, px, mask))
     labels = np.where(mask.astype(bool), ids, -100)
     ref_loss = float(base.loss(ids, labels, px, mask))
+
+    def loss_of(model: InternVL):
+        return lambda params: model.loss(ids, labels, px, mask, params=params)
+
+    ref_grads = W.flatten_paths(jax.grad(loss_of(base))(base.params))
     ref_tokens = base.generate(ids, px, mask, max_new_tokens=12)
     result: dict = {"ref_max": float(np.abs(ref_logits).max())}
     for name, spec in MESHES.items():
@@ -72,6 +77,8 @@ def main(out: str) -> None:
             "logits_width": logits.shape[-1], "logits_spec": [str(x) for x in forward.sharding.spec],
             "padding_is_min": bool((logits[..., vocab:] == np.finfo(np.float32).min).all()),
             "loss_err": abs(float(model.loss(ids, labels, px, mask)) - ref_loss),
+            "grad_err": max(float(np.abs(np.asarray(g) - np.asarray(ref_grads[p])).max())
+                            for p, g in W.flatten_paths(jax.grad(loss_of(model))(model.params)).items()),
             "forward_bytes": {"output": program.outputs, "temp": program.temp},
             "forward_gathers": compiled.gathered_shapes(compiled_forward.as_text()),
             "tokens_equal": bool((tokens == ref_tokens).all()),
