@@ -118,7 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
     header = (f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
               f"{args.tiles} tiles")
-    if target.kind == "tpu":
+    if target.topology is not None:
         return _compiled_plan(args, config, target, sizes, header)
     result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
     if args.json:
@@ -134,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, int], header: str) -> int:
-    """`plan --target tpu:...`: compiled for the topology on abstract weights (see internvl_jax/compiled.py)."""
+    """`plan --target tpu:...|gpu:...`: compiled for the target on abstract weights (see internvl_jax/compiled.py)."""
     from internvl_jax.compiled import compiled_plan
     from internvl_jax.planner import plan
 
@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
     p.add_argument("--target", default="cpu", help="cpu (analytic plan), tpu:GENERATION:GRID (compiled for that "
-                   "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra) or h100/h200 (analytic, their HBM)")
+                   "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra), gpu:CHIPxCOUNT (compiled, e.g. gpu:h100x8; "
+                   "needs the gpu-plan extra) or h100/h200 (analytic, their HBM)")
     p.add_argument("--context", dest="seq", type=int, default=argparse.SUPPRESS, help="same as --seq")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     from_command_line = argv is None

@@ -1,7 +1,9 @@
-"""Compiled plans: XLA's own numbers for a config on a TPU topology, compiled on this machine (nothing runs).
+"""Compiled plans: XLA's own numbers for a config on a TPU topology or a set of GPUs, compiled on this machine
+(nothing runs).
 
-libtpu compiles for a named topology ("v5e:2x4") without the chips (`jax.experimental.topologies`), on abstract
-weights and caches that carry their shardings, so nothing is allocated. From the compiled programs come the
+libtpu compiles for a named topology ("v5e:2x4") without the chips (`jax.experimental.topologies`), and the jax
+CUDA plugin for GPUs described by a target configuration (`targets.GPU_SPECS`), on abstract weights and caches that
+carry their shardings, so nothing is allocated. From the compiled programs come the
 per-chip argument, output and temporary bytes (`memory_analysis`) and flops and bytes accessed (`cost_analysis`).
 
 XLA:TPU's cost analysis counts a while loop's body once, whatever its trip count (a scan over 24 layers reads as
@@ -35,11 +37,12 @@ from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.params import abstract_params, as_dtype, module_for
 from internvl_jax.sharding import MESH_AXES, batch_sharding, cache_shardings, param_shardings
-from internvl_jax.targets import GiB, Target
+from internvl_jax.targets import GPU_SPECS, GiB, Target
 from internvl_jax.weights import flatten_paths, unflatten_paths
 
 Params = dict[str, Any]
 TPU_EXTRA = "pip install -e '.[tpu]'"
+GPU_EXTRA = "pip install -e '.[gpu-plan]'"
 
 
 class TargetError(ValueError):
@@ -92,6 +95,60 @@ def tpu_devices(topology: str) -> list[jax.Device]:
         raise TargetError(f"TPU topology {topology!r} is not known to libtpu ({first[:160]}); "
                           "e.g. v5e:2x4, v4:2x2x1, v5p:2x2x2, v6e:2x4") from None
     return list(topo.devices)
+
+
+def has_cuda_plugin() -> bool:
+    import importlib.util
+
+    try:  # the plugins live in the `jax_plugins` namespace package, absent when none is installed
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+    except ModuleNotFoundError:
+        return False
+
+
+def gpu_target_config(target: Target) -> str:
+    """The `GpuTargetConfigProto` (text format) XLA's GPU compiler takes in place of a device it can query."""
+    assert target.chip is not None
+    spec = GPU_SPECS[target.chip.name]
+    major, minor = spec.compute_capability
+    info = {"threads_per_block_limit": 1024, "threads_per_warp": 32, "shared_memory_per_block": 48 * 1024,
+            "shared_memory_per_block_optin": spec.shared_per_sm - 1024, "shared_memory_per_core": spec.shared_per_sm,
+            "threads_per_core_limit": 2048, "core_count": spec.sm_count, "fpus_per_core": 128,
+            "block_dim_limit_x": 2**31 - 1, "block_dim_limit_y": 65535, "block_dim_limit_z": 65535,
+            "memory_bandwidth": int(target.chip.bandwidth), "l2_cache_size": spec.l2_bytes,
+            "clock_rate_ghz": spec.clock_ghz, "device_memory_size": target.chip.hbm,
+            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+    fields = "\n".join(f"  {k}: {v}" for k, v in info.items())
+    return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+            f'platform_name: "CUDA"\ndevice_description_str: "{spec.description}"\n')
+
+
+def gpu_devices(target: Target) -> list[jax.Device]:
+    """Compile-only devices of `target.chips` GPUs of one kind, 8 to a host (NVLink within it)."""
+    if not has_cuda_plugin():
+        raise TargetError(f"target {target.label} needs the jax CUDA plugin (compile only, no GPU): {GPU_EXTRA}")
+    from jax.experimental import topologies
+
+    # Without a GPU to autotune on, XLA's Triton matmuls found no tile sizes for some of our dots ("Couldn't find
+    # output tile sizes"); cuBLAS needs none. Read by XLA when it first compiles for the GPU, which is after this.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_triton_gemm" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()
+    n = target.chips
+    hosts, per_host = (n // 8, 8) if n > 8 and n % 8 == 0 else (1, n)
+    try:
+        with _stderr_to_devnull():
+            topo = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                                target_config=gpu_target_config(target))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TargetError(f"target {target.label}: the CUDA plugin refused it ({first[:160]})") from None
+    return list(topo.devices)
+
+
+def target_devices(target: Target) -> list[jax.Device]:
+    assert target.topology is not None
+    return tpu_devices(target.topology) if target.kind == "tpu" else gpu_devices(target)
 
 
 def target_mesh(devices: list[jax.Device], sizes: Mapping[str, int], target: str) -> Mesh:
@@ -159,8 +216,8 @@ def decode_step(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtyp
 
 
 def cost(compiled: jax.stages.Compiled) -> dict[str, float]:
-    ca = compiled.cost_analysis()
-    return dict(ca[0] if isinstance(ca, list) else ca)
+    ca = compiled.cost_analysis()  # None from the CUDA plugin without a GPU
+    return dict(ca[0] if isinstance(ca, list) else ca or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +304,31 @@ def decode_bytes(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dty
                        weights=sum(per_chip_bytes(a) for p, a in text.items() if p not in table),
                        cache=cache_bytes, layer_cache=per_chip_bytes(cache.k) // config.text.num_layers,
                        temp=program.temp, copies=tuple(copied_bytes(step.as_text())), program=program)
+
+
+# ----- the user-facing forward on a mesh (issue 13, item 7) -----
+def forward_program(config: InternVLConfig, mesh: Mesh, batch: int, length: int, tiles: int, dtype: str = "float32"
+                    ) -> tuple[Program, jax.stages.Compiled | None]:
+    """`InternVL.__call__` (every position's logits) on `batch` rows of `length` tokens and `tiles` images, compiled
+    as it runs on `mesh`: its own jitted function, inputs split over the data axis, traced under the mesh."""
+    from internvl_jax.modeling import _logits_fn
+
+    v, d = config.vision, as_dtype(dtype)
+    params = abstract_params_on(config, mesh, dtype)
+    rows = functools.partial(_rows, mesh)
+    pixels = rows((tiles, v.num_channels, v.image_size, v.image_size), d) if tiles else None
+    args = (params, rows((batch, length), jnp.int32), pixels, rows((batch, length), jnp.int32),
+            rows((batch, length), jnp.int32))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as `InternVL._run` traces it
+        return Program.compile("forward", lambda: _logits_fn(module_for(config, dtype), 0).lower(*args))
+
+
+_GATHER = re.compile(r"= \(?(\w+)\[([\d,]*)\][^=]*? all-gather(?:-start)?\(")
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of the all-gathers in an optimized HLO module."""
+    return [tuple(int(x) for x in dims.split(",") if x) for _, dims in _GATHER.findall(hlo)]
 
 
 # ----- the compiled plan (`internvl-jax plan --target tpu:...`) -----
@@ -355,9 +437,8 @@ class CompiledPlan:
 
 def compiled_plan(config: InternVLConfig, target: Target, mesh_sizes: Mapping[str, int], batch: int, context: int,
                   tiles: int, dtype: str = "bfloat16") -> CompiledPlan:
-    """Compile the vision tower (when `tiles`), the bucketed prefill and one decode step for a TPU target."""
-    assert target.kind == "tpu" and target.topology is not None
-    mesh = target_mesh(tpu_devices(target.topology), mesh_sizes, target.label)
+    """Compile the vision tower (when `tiles`), the bucketed prefill and one decode step for a TPU or GPU target."""
+    mesh = target_mesh(target_devices(target), mesh_sizes, target.label)
     slots = bucket(context, 64)
     length = bucket(context, MIN_PROMPT_BUCKET)
     programs = []

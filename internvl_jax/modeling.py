@@ -26,7 +26,8 @@ from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.params import DTypeLike, Params, abstract_params, as_dtype, module_for, random_params
-from internvl_jax.sharding import param_shardings
+from internvl_jax.rules import constrain, spec_for
+from internvl_jax.sharding import batch_sharding, param_shardings
 from internvl_jax.source import Source, load_params
 
 
@@ -82,6 +83,10 @@ class InternVL:
 
         Without `position_ids` every row counts positions from its first slot (padding included), exactly
         as transformers' forward does; generation uses per-row positions instead (see the engine).
+        On a mesh (`from_pretrained(..., mesh=)`) the inputs are split over its data axis and the logits come back
+        split over data and vocabulary; where the tensor axis does not divide the vocabulary (InternVL3's 151674 on
+        4 or 8 chips) they keep the padded columns (`config.text.padded_vocab`, at the float32 minimum: see
+        `split_logits`); `logits[..., :config.text.vocab_size]` is the exact width.
         `return_hidden_states=True` returns `(logits, states)`, every stage's output by name, in data-path order:
         `vision.embeddings`, `vision.layers.{i}` ([tiles, 1 + patches, vision width]; layers past
         `vision_feature_layer` are not run and repeat its state), `projector` ([tiles, tokens, width]),
@@ -92,13 +97,13 @@ class InternVL:
         x = check_inputs(self.config, input_ids, pixel_values, attention_mask, self.dtype)
         positions = _positions(x.ids, position_ids)
         if return_hidden_states:
-            logits, states = _hidden_fn(self.module)(self.params, x.ids, x.pixels, positions, x.mask)
+            logits, states = self._run(_hidden_fn(self.module), x.ids, x.pixels, positions, x.mask)
             return logits, {name: states[name] for name in stage_names(self.config, x.pixels is not None)}
-        return _logits_fn(self.module, int(logits_to_keep))(self.params, x.ids, x.pixels, positions, x.mask)
+        return self._run(_logits_fn(self.module, int(logits_to_keep)), x.ids, x.pixels, positions, x.mask)
 
     def get_image_features(self, pixel_values: Any) -> jax.Array:
         """[tiles, 3, H, W] -> [tiles, image tokens, text hidden] (vision tower, pixel shuffle, projector)."""
-        return _image_fn(self.module)(self.params, check_pixels(self.config, pixel_values, self.dtype))
+        return self._run(_image_fn(self.module), check_pixels(self.config, pixel_values, self.dtype))
 
     def loss(self, input_ids: Any, labels: Any, pixel_values: Any = None, attention_mask: Any = None,
              params: Params | None = None) -> jax.Array:
@@ -112,9 +117,20 @@ class InternVL:
         lab = np.asarray(labels)
         if lab.shape != x.ids.shape:
             raise ValueError(f"labels shape {lab.shape} differs from input_ids shape {x.ids.shape}")
-        positions = _positions(x.ids, None)
+        return self._run(_loss_fn(self.module), x.ids, x.pixels, _positions(x.ids, None), x.mask, lab.astype(np.int32),
+                         params=params)
+
+    def _run(self, fn: Callable, *inputs: Any, params: Params | None = None) -> Any:
+        """`fn(params, *inputs)`. On a mesh the inputs are split by rows (and tiles) over the data axis and `fn` is
+        traced under the mesh, so activations and outputs are laid out as the rules table says (`rules.constrain`):
+        host inputs passed as they are went whole onto every device, and so did everything XLA derived from them."""
         params = self.params if params is None else params
-        return _loss_fn(self.module)(params, x.ids, x.pixels, positions, x.mask, lab.astype(np.int32))
+        if self.mesh is None:
+            return fn(params, *inputs)
+        placed = [None if x is None else jax.device_put(x, batch_sharding(self.mesh, np.shape(x))) for x in inputs]
+        # The abstract mesh, not `jax.set_mesh`: that refuses to be entered under a trace (`jax.grad` of `loss`).
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return fn(params, *placed)
 
     def generate(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
                  streamer: Any = None, **generation_kwargs: Any) -> np.ndarray:
@@ -174,9 +190,24 @@ def _positions(ids: np.ndarray, position_ids: Any) -> np.ndarray:
 def _logits_fn(module: InternVLModule, logits_to_keep: int) -> Callable:
     @jax.jit
     def run(params, ids, pixels, positions, mask):
-        return module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask),
-                            logits_to_keep=logits_to_keep)[0]
+        logits = module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask),
+                              logits_to_keep=logits_to_keep)[0]
+        return split_logits(logits, module.cfg.text.padded_vocab)
     return run
+
+
+def split_logits(logits: jax.Array, padded_vocab: int) -> jax.Array:
+    """The forward's logits laid out by the rules table under the program's mesh: rows over data, the vocabulary
+    over tensor. A tensor axis that divides the padded vocabulary but not the real one (InternVL3's 151674 =
+    2 x 75837 on 4 or 8 chips: JAX cannot split it) gets the padded columns back, at the float32 minimum, so
+    softmax, argmax, top-k and log-probabilities are unchanged. Cut to the real width, each chip held all the
+    logits of its rows: 4x the output on a (data=2, tensor=4) mesh, and 4 x 1043 tokens took 24 GB (issue 13)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and (pad := padded_vocab - logits.shape[-1]):
+        sizes = dict(mesh.shape)
+        if spec_for((padded_vocab,), ("vocab",), sizes)[0] and not spec_for(logits.shape[-1:], ("vocab",), sizes)[0]:
+            logits = jnp.pad(logits, ((0, 0), (0, 0), (0, pad)), constant_values=jnp.finfo(logits.dtype).min)
+    return constrain(logits, ("batch", "length", "vocab"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,7 +216,7 @@ def _hidden_fn(module: InternVLModule) -> Callable:
     def run(params, ids, pixels, positions, mask):
         (logits, _), sown = module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask),
                                          mutable=[HIDDEN])
-        return logits, stage_outputs(sown[HIDDEN])
+        return split_logits(logits, module.cfg.text.padded_vocab), stage_outputs(sown[HIDDEN])
     return run
 
 
@@ -220,7 +251,8 @@ def _image_fn(module: InternVLModule) -> Callable:
 def _loss_fn(module: InternVLModule) -> Callable:
     @jax.jit
     def run(params, ids, pixels, positions, mask, labels):
-        logits = module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask))[0]
+        logits = split_logits(module.apply({"params": params}, ids, pixels, positions, KeyMask.uncached(mask))[0],
+                              module.cfg.text.padded_vocab)  # no gather of the vocabulary on a mesh
         target = labels[:, 1:]
         valid = target != -100
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)

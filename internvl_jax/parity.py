@@ -183,6 +183,7 @@ def compare(ours: Any, ref: Any, inputs: dict[str, np.ndarray], new_tokens: int,
     ids, mask = np.asarray(inputs["input_ids"]), np.asarray(inputs["attention_mask"])
     pixels = inputs.get("pixel_values")
     logits, states = ours(ids, pixels, mask, return_hidden_states=True)
+    logits = np.asarray(logits)[..., : ours.config.text.vocab_size]  # a mesh may keep the padded vocabulary
     ref_logits, ref_states = torch_stages(ref, ids, pixels, mask)
     cfg = ours.config
     run = cfg.vision_feature_layer % (cfg.vision.num_layers + 1)  # vision layers past the feature layer don't run

@@ -1,10 +1,5 @@
-"""Meshes and the one table that maps logical axes to mesh axes.
-
-Every parameter declares logical axis names where it is created (`model/layers.py: weight`). `RULES`
-below maps each name to a mesh axis; a dimension that the mesh axis does not divide is replicated instead
-(InternVL3-1B's 2 KV heads on a tensor axis of 4, the 6B vision tower's 25 heads), so every model runs on
-every mesh, and the memory planner reports what that costs.
-"""
+"""Meshes, and the shardings of parameters, caches and inputs that the rules table (`internvl_jax.rules`: one
+place for every logical axis, weights and activations alike) gives them."""
 
 from __future__ import annotations
 
@@ -19,32 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.decoder import KVCache
 from internvl_jax.model.params import abstract_params
+from internvl_jax.rules import MESH_AXES, RULES, spec_for  # noqa: F401  (RULES, spec_for: read here by others too)
 from internvl_jax.weights import flatten_paths
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis -> mesh axis (None: replicated). The only place where this is decided.
-RULES: dict[str, str | None] = {
-    # decoder
-    "vocab": "tensor",  # embedding rows and lm_head columns
-    "embed": "fsdp",  # model width: split only by FSDP (weights gathered per layer)
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "layers": None,  # the scanned layer axis
-    # vision tower
-    "vis_embed": "fsdp",
-    "vis_heads": "tensor",
-    "vis_mlp": "tensor",
-    "vis_qk": None,  # joint q/k norm scales (width = all heads)
-    # projector
-    "proj_in": None,
-    "proj_hidden": None,
-    # activations and cache
-    "batch": "data",
-    "cache_slots": None,
-}
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
@@ -82,23 +53,6 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.De
         raise ValueError(f"mesh {sizes} has {total} devices but {len(devices)} are available")
     grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
-
-
-def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh | Mapping[str, int]) -> PartitionSpec:
-    """PartitionSpec of an array with these logical axes: a dim the mesh axis does not divide is replicated.
-    `mesh` may be a Mesh or just its axis sizes (the memory planner has no devices)."""
-    # A mesh without one of our axes (a user's Mesh(devices, ("data", "tensor"))) has it at size 1.
-    sizes = {a: int((mesh.shape if isinstance(mesh, Mesh) else mesh).get(a, 1)) for a in MESH_AXES}
-    out: list[str | None] = []
-    used: set[str] = set()
-    for size, name in zip(shape, axes, strict=True):
-        target = RULES.get(name) if name else None
-        if target is None or target in used or size % sizes[target] or sizes[target] == 1:
-            out.append(None)
-        else:
-            out.append(target)
-            used.add(target)
-    return PartitionSpec(*out)
 
 
 def logical_axes(config: InternVLConfig, dtype: str = "float32") -> dict[str, tuple[str | None, ...]]:

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from internvl_jax import InternVL  # noqa: E402
+from internvl_jax import InternVL, compiled  # noqa: E402
 from internvl_jax import weights as W  # noqa: E402
 from internvl_jax.planner import cache_bytes, weight_bytes  # noqa: E402
 from internvl_jax.sharding import logical_axes, make_mesh, spec_for  # noqa: E402
@@ -39,13 +39,22 @@ def main(out: str) -> None:
 
     base = InternVL.from_pretrained(path)
     ref_logits = np.asarray(base(ids, px, mask))
+    labels = np.where(mask.astype(bool), ids, -100)
+    ref_loss = float(base.loss(ids, labels, px, mask))
+
+    def loss_of(model: InternVL):
+        return lambda params: model.loss(ids, labels, px, mask, params=params)
+
+    ref_grads = W.flatten_paths(jax.grad(loss_of(base))(base.params))
     ref_tokens = base.generate(ids, px, mask, max_new_tokens=12)
     result: dict = {"ref_max": float(np.abs(ref_logits).max())}
     for name, spec in MESHES.items():
         devices = jax.devices()[:1] if name == "1x1" else None
         mesh = make_mesh(spec, devices)
         model = InternVL.from_pretrained(path, mesh=mesh)
-        logits = np.asarray(model(ids, px, mask))
+        forward = model(ids, px, mask)
+        logits, vocab = np.asarray(forward), model.config.text.vocab_size
+        program, compiled_forward = compiled.forward_program(model.config, mesh, batch=4, length=256, tiles=2)
         tokens = model.generate(ids, px, mask, max_new_tokens=12)
         axes = logical_axes(model.config)
         flat = W.flatten_paths(model.params)
@@ -64,7 +73,14 @@ def main(out: str) -> None:
                         out_shardings=cache_sharding(model.config, mesh, 8, 64))()
         cache_actual = 2 * max(s.data.nbytes for s in cache.addressable_shards)
         result[name] = {
-            "logit_err": float(np.abs(logits - ref_logits)[mask.astype(bool)].max()),
+            "logit_err": float(np.abs(logits[..., :vocab] - ref_logits)[mask.astype(bool)].max()),
+            "logits_width": logits.shape[-1], "logits_spec": [str(x) for x in forward.sharding.spec],
+            "padding_is_min": bool((logits[..., vocab:] == np.finfo(np.float32).min).all()),
+            "loss_err": abs(float(model.loss(ids, labels, px, mask)) - ref_loss),
+            "grad_err": max(float(np.abs(np.asarray(g) - np.asarray(ref_grads[p])).max())
+                            for p, g in W.flatten_paths(jax.grad(loss_of(model))(model.params)).items()),
+            "forward_bytes": {"output": program.outputs, "temp": program.temp},
+            "forward_gathers": compiled.gathered_shapes(compiled_forward.as_text()),
             "tokens_equal": bool((tokens == ref_tokens).all()),
             "wrong_specs": wrong, "specs": specs, "param_bytes_dev0": int(actual),
             "planned_param_bytes": int(weight_bytes(model.config, dict(mesh.shape), "float32")),

@@ -42,7 +42,8 @@ def _worker(converted: str, source: str, out: str) -> None:
         # Devices that hold less than the whole array: the restore really split it.
         split = sorted(p for p, a in flat.items() if a.addressable_shards[0].data.size < a.size)
         report[name] = {"devices": len(model.params["text"]["embedding"].sharding.device_set), "split": split}
-        np.save(Path(out) / f"logits_{name}.npy", np.asarray(model(inputs["ids"], inputs["px"])))
+        logits = np.asarray(model(inputs["ids"], inputs["px"]))[..., : model.config.text.vocab_size]  # tensor=4: padded
+        np.save(Path(out) / f"logits_{name}.npy", logits)
     mesh8 = make_mesh(MESHES["8"][1])
     convert(source, Path(out) / "conv8", dtype="float32", mesh=mesh8, progress=False)
     (Path(out) / "report.json").write_text(json.dumps(report))

@@ -60,6 +60,8 @@ def test_compiled_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.param(["--target", "tpu:v5e:9x9"], "TPU topology 'v5e:9x9' is not known to libtpu", marks=needs_libtpu),
     pytest.param(["--target", "tpu:v5e:2x4", "--mesh", "tensor=4"],
                  "--mesh tensor=4 has 4 devices but target tpu:v5e:2x4 has 8 chips", marks=needs_libtpu),
+    (["--target", "gpu:a100x8"], "--target 'gpu:a100x8': expected gpu:CHIPxCOUNT with CHIP one of h100, h200"),
+    (["--target", "gpu:h100x0"], "--target 'gpu:h100x0': expected gpu:CHIPxCOUNT"),
 ])
 def test_bad_targets_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", *argv]) == 2
@@ -73,3 +75,24 @@ def test_without_libtpu_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
     assert main(["plan", "--target", "tpu:v5p:2x2x2", "--mesh", "tensor=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "internvl-jax plan: error: target tpu:v5p:2x2x2 needs libtpu: pip install -e '.[tpu]'"
+
+
+def test_gpu_target_without_the_cuda_plugin_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`--target gpu:h100x8` compiles with the jax CUDA plugin (no GPU needed: docs/tpu.md); CI does not install it."""
+    if compiled.has_cuda_plugin():  # where it is installed, the same answer as without it
+        monkeypatch.setattr(compiled, "has_cuda_plugin", lambda: False)
+    assert main(["plan", "--preset", "1B", "--target", "gpu:h100x8", "--mesh", "tensor=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("internvl-jax plan: error: target gpu:h100x8 needs the jax CUDA plugin (compile only, no GPU): "
+                   "pip install -e '.[gpu-plan]'")
+
+
+def test_gpu_target_config_is_the_chip_table() -> None:
+    from internvl_jax.targets import CHIPS, parse_target
+
+    target = parse_target("gpu:H200x16")
+    assert (target.label, target.chips, target.chip) == ("gpu:h200x16", 16, CHIPS["h200"])
+    text = compiled.gpu_target_config(target)
+    assert f"device_memory_size: {CHIPS['h200'].hbm}\n" in text and "core_count: 132\n" in text
+    assert "cuda_compute_capability { major: 9 minor: 0 }" in text and 'device_description_str: "NVIDIA H200"' in text

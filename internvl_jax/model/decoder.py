@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from internvl_jax.config import TextConfig
 from internvl_jax.model.attention import CachedKeys, KeyMask, attention
 from internvl_jax.model.layers import HIDDEN, Dense, RMSNorm, activation, weight
+from internvl_jax.rules import constrain
 
 
 class KVCache(NamedTuple):
@@ -123,6 +124,7 @@ class DecoderLayer(nn.Module):
             up = Dense((c.intermediate_size,), ("embed", "mlp"), c.mlp_bias, param_dtype=pd, name="up")(y)
             x = x + Dense((c.hidden_size,), ("mlp", "embed"), c.mlp_bias, param_dtype=pd, name="down")(
                 activation(c.hidden_act)(gate) * up)
+        x = constrain(x, ("batch", "length", "act_embed"))
         self.sow(HIDDEN, "hidden", x)
         return x, new
 
@@ -190,4 +192,5 @@ class Decoder(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         head = self.embedding.T if self.tie_embeddings else self.lm_head
         logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+        logits = constrain(logits, ("batch", "length", "vocab"))  # the padded width: tensor divides it
         return logits[..., : self.cfg.vocab_size]  # drop the padding columns (TextConfig.padded_vocab)

@@ -13,6 +13,7 @@ from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.projector import Projector, tokens_from_patches
 from internvl_jax.model.vision import VisionTower
+from internvl_jax.rules import constrain
 
 
 def merge_image_features(embeds: jax.Array, ids: jax.Array, features: jax.Array, image_token_id: int,
@@ -58,6 +59,7 @@ class InternVLModule(nn.Module):
             hidden = self.vision(pixels)
         with jax.named_scope("projector"):
             features = self.projector(tokens_from_patches(hidden, self.cfg))
+        features = constrain(features, ("tiles", "patches", "act_embed"))
         self.sow(HIDDEN, "projected", features)
         return features
 
@@ -73,6 +75,7 @@ class InternVLModule(nn.Module):
             features = self.image_features(pixels)
         if features is not None:
             x = merge_image_features(x, ids, features, self.cfg.image_token_id, feature_rows)
+        x = constrain(x, ("batch", "length", "act_embed"))
         hidden, cache = self.text(x, positions, mask, cache, rows)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -15,6 +15,7 @@ import numpy as np
 
 from internvl_jax.config import VisionConfig
 from internvl_jax.model.layers import HIDDEN, Dense, LayerNorm, RMSNorm, activation, norm, weight
+from internvl_jax.rules import constrain
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,6 +116,7 @@ class VisionLayer(nn.Module):
             # Features from an earlier layer: a select keeps one scanned program; the skipped layers' compute
             # is wasted, which only happens off the default vision_feature_layer=-1.
             x = jnp.where(layer < self.num_run, x, x_in)
+        x = constrain(x, ("tiles", "patches", "act_embed"))
         self.sow(HIDDEN, "hidden", x)  # a no-op unless the caller asks for the hidden states
         return x, None
 
@@ -131,6 +133,7 @@ class VisionTower(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         c = self.cfg
         x = VisionEmbeddings(c, self.param_dtype, name="embeddings")(pixels.astype(self.dtype))
+        x = constrain(x, ("tiles", "patches", "act_embed"))
         self.sow(HIDDEN, "embedded", x)
         # One compiled layer body, scanned over stacked weights: compile time does not grow with depth.
         num_run = self.feature_layer % (c.num_layers + 1)
