@@ -182,6 +182,25 @@ class Generation:
             traceback.print_exception(e, file=sys.stderr)
 
 
+def emitter(writer: PartWriter, stats: Stats, bar: Any, start: float, busy: Callable[[], str]
+            ) -> Callable[[list[dict[str, Any]]], None]:
+    """`emit(rows)`: append result lines to this process's part, count them, move the progress bar (`busy`: what
+    the engine says of its slots, or "")."""
+
+    def emit(rows: list[dict[str, Any]]) -> None:
+        writer.write([result_line(r) for r in rows])
+        stats.records += len(rows)
+        stats.failed += sum(r["error"] is not None for r in rows)
+        stats.prompt_tokens += sum(r["prompt_tokens"] or 0 for r in rows if r["error"] is None)
+        stats.new_tokens += sum(r["new_tokens"] for r in rows)
+        stats.seconds = time.perf_counter() - start
+        bar.update(len(rows))
+        bar.set_postfix_str(f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f} tok/s, {busy()}{stats.failed} failed",
+                            refresh=False)
+
+    return emit
+
+
 def windows(items: Sequence[Request], size: int) -> Iterator[Sequence[Request]]:
     for i in range(0, len(items), size):
         yield items[i: i + size]
@@ -210,16 +229,7 @@ def run_share(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
     def encode_window(reqs: Sequence[Request]) -> list[Encoded | dict]:
         return [encode(processor, r, opts.template, room) for r in reqs]
 
-    def emit(rows: list[dict[str, Any]]) -> None:
-        writer.write([result_line(r) for r in rows])
-        stats.records += len(rows)
-        stats.failed += sum(r["error"] is not None for r in rows)
-        stats.prompt_tokens += sum(r["prompt_tokens"] or 0 for r in rows if r["error"] is None)
-        stats.new_tokens += sum(r["new_tokens"] for r in rows)
-        stats.seconds = time.perf_counter() - start
-        bar.update(len(rows))
-        bar.set_postfix_str(f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f} tok/s, {stats.failed} failed",
-                            refresh=False)
+    emit = emitter(writer, stats, bar, start, lambda: "")
 
     # One encoder thread: the next window is prepared while this one generates.
     try:
@@ -284,16 +294,7 @@ def run_slots(model: Any, processor: Any, pending: Sequence[Request], writer: Pa
     bar = _progress(len(pending), opts.progress)
     by_row: dict[int, Encoded] = {}
 
-    def emit(rows: list[dict[str, Any]]) -> None:
-        writer.write([result_line(r) for r in rows])
-        stats.records += len(rows)
-        stats.failed += sum(r["error"] is not None for r in rows)
-        stats.prompt_tokens += sum(r["prompt_tokens"] or 0 for r in rows if r["error"] is None)
-        stats.new_tokens += sum(r["new_tokens"] for r in rows)
-        stats.seconds = time.perf_counter() - start
-        bar.update(len(rows))
-        bar.set_postfix_str(f"{stats.new_tokens / max(stats.seconds, 1e-9):.1f} tok/s, {engine.busy}/{opts.slots} "
-                            f"slots busy, {stats.failed} failed", refresh=False)
+    emit = emitter(writer, stats, bar, start, lambda: f"{engine.busy}/{opts.slots} slots busy, ")
 
     def encode_one(req: Request) -> Encoded | dict:
         try:
