@@ -50,11 +50,11 @@ class TargetError(ValueError):
 
 
 def _quiet_libtpu() -> None:
-    """libtpu looks for TPU hosts and logs at length when there are none: it only compiles here."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # any valid name: compile-only, never run
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may hold libtpu's lock file
+    """libtpu looks for TPU hosts and logs at length when there are none: it only compiles here (the package's
+    import sets the same where no TPU is attached)."""
+    from internvl_jax import _quiet_libtpu_without_tpus
+
+    _quiet_libtpu_without_tpus()
 
 
 @contextlib.contextmanager
