@@ -75,6 +75,8 @@ def test_serving_workloads_write_their_figures(tiny, tmp_path, capsys, monkeypat
     for side in ("engine", "static"):
         r = report[side]
         assert len(r["done_at_s"]) == 6 and r["tokens_per_s"] > 0 and r["ttft_s"]["p50"] <= r["ttft_s"]["p99"]
+        assert 0 <= r["compile_s"] < r["wall_s"]
+    assert report["engine_over_static_without_compile"] > 0
     # Both sides generate each request's own tokens: random weights never stop early.
     assert report["engine"]["generated_tokens"] == report["static"]["generated_tokens"]
     Image.open(out / "serving-mixed.png").verify()

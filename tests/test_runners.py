@@ -262,6 +262,20 @@ def test_batch_refuses_bad_output_paths_before_loading(ckpt, prompts, tmp_path, 
             capsys, f"{png} is not a UTF-8 text file")
 
 
+def test_bad_run_sizes_are_refused_before_loading(ckpt, prompts, tmp_path, capsys, no_model):
+    """--batch-size, --slots, --cache-len, --window out of range: one line naming the option, nothing loaded or
+    written (one check, RunOptions', serves the command line and the Python API)."""
+    from internvl_jax.runners.options import RunOptions
+
+    out = tmp_path / "out.jsonl"
+    for option, value in (("--batch-size", "0"), ("--slots", "-1"), ("--cache-len", "8"), ("--window", "-2")):
+        refused(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out), option, value,
+                 *OPTS], capsys, f"({option}) must be", f"got {value}")
+        assert not out.exists()
+    with pytest.raises(ValueError, match=r"cache_len \(--cache-len\) must be at least 16, got 8"):
+        RunOptions(cache_len=8)
+
+
 def test_eval_refuses_bad_outputs_and_comma_separated_data_before_loading(ckpt, tmp_path, capsys, no_model):
     data = tmp_path / "bench.tsv"
     data.write_text("index\tquestion\tA\tB\tanswer\n1\tWhat?\tx\ty\tA\n")

@@ -152,3 +152,22 @@ def test_on_a_mesh(tmp_path):
     report = json.loads(out.read_text())
     assert report["errors"] == [] and all(report["same"].values()), report
     assert report["cache_spec"] == "P(None, 'data')", report  # [layers, rows, ...]: rows over data
+
+
+def test_prefill_pieces_pad_less_than_one_bucket(model):
+    """A prompt shorter than the chunk is prefilled in row-length pieces that pad less than the one bucket above
+    it (300 tokens: 256 + 44 in a 64-token row, 20 padded, not 212), and the pieces cover it exactly."""
+    eng = engine(model, chunk=512)
+    assert eng.lengths == [64, 128, 256, 512]
+    for n in range(1, 512):
+        pieces, left = [], n
+        while left:
+            take, length = eng._piece(left)
+            assert take <= length and length in eng.lengths
+            pieces.append((take, length))
+            left -= take
+        padded = sum(length for _, length in pieces)
+        one = next(L for L in eng.lengths if L >= n)
+        assert padded <= one and (padded < one or len(pieces) == 1), (n, pieces)
+        if n == 300:
+            assert pieces == [(256, 256), (44, 64)]

@@ -19,40 +19,17 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, bucket, max_length
+from internvl_jax.runners.options import RunOptions
 from internvl_jax.runners.records import Request
 from internvl_jax.runners.shards import PartWriter, result_line
 
 GenerateFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    slots: int = 16  # decode slots of the continuous-batching engine; 0: static batches of batch_size
-    cache_len: int = 4096  # KV cache slots of each decode slot: the longest prompt + answer
-    batch_size: int = 8
-    window: int = 0  # records encoded and sorted together; 0 means 4 batches
-    generation: Mapping[str, Any] = field(default_factory=dict)  # keyword arguments of model.generate
-    template: Mapping[str, Any] = field(default_factory=dict)  # of apply_chat_template: num_frames, max_patches
-    save_token_ids: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0, got {self.window}")
-        if self.slots < 0:
-            raise ValueError(f"slots must be >= 0, got {self.slots}")
-
-    @property
-    def window_size(self) -> int:
-        return max(self.window or 4 * self.batch_size, self.batch_size)
 
 
 @dataclass(frozen=True)

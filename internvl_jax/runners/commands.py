@@ -15,6 +15,7 @@ from typing import Any
 
 from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
 from internvl_jax.runners import shards
+from internvl_jax.runners.options import RunOptions
 from internvl_jax.runners.records import Request, id_key, read_prompts
 from internvl_jax.runners.shards import RunMismatch, Share
 
@@ -106,7 +107,7 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
     # Imported here: JAX and the model are needed only when there is something to generate.
     from internvl_jax.modeling import InternVL
     from internvl_jax.processing.processor import InternVLProcessor
-    from internvl_jax.runners.batch import RunOptions, run_share
+    from internvl_jax.runners.batch import run_share
 
     mesh = None
     if args.mesh:
@@ -123,10 +124,7 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
     model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
     # eval: its profile's image backend, and no EXIF rotation (VLMEvalKit's PIL loading applies none).
     processor = InternVLProcessor.from_pretrained(directory, **getattr(args, "processor", {}))
-    opts = RunOptions(slots=args.slots, cache_len=args.cache_len, batch_size=args.batch_size, window=args.window,
-                      generation=generation_kwargs(args),
-                      template=template_kwargs(args), save_token_ids=args.save_token_ids,
-                      progress=not args.no_progress)
+    opts = run_options(args)
     with shards.PartWriter(part) as writer:
         return run_share(model, processor, pending, writer, opts)
 
@@ -297,6 +295,12 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
         eval_cli.add_arguments(p)
 
 
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(slots=args.slots, cache_len=args.cache_len, batch_size=args.batch_size, window=args.window,
+                      generation=generation_kwargs(args), template=template_kwargs(args),
+                      save_token_ids=args.save_token_ids, progress=not args.no_progress)
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     if hasattr(args, "data_file"):  # eval
         if args.data and args.data_file:
@@ -312,11 +316,4 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not args.merge_only and not args.model:
         raise ValueError("--model is required (except with --merge-only)")
     check_generation_arguments(args)  # --temperature inf, --num-frames 0, ...: named before anything loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.slots < 0:
-        raise ValueError(f"--slots must be 0 (static batches) or more, got {args.slots}")
-    if args.cache_len < 16:
-        raise ValueError(f"--cache-len must be at least 16, got {args.cache_len}")
-    if args.window < 0:
-        raise ValueError(f"--window must be 0 (4 x batch size) or more, got {args.window}")
+    run_options(args)

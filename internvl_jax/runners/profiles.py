@@ -109,6 +109,17 @@ def _prompt_rule(name: str, kind: str) -> str:
     return "bare" if _has(name, _BARE_VQA) or _has(name, ["MathVerse"]) else "short"
 
 
+# Open-answer datasets: (name parts, metric, how the scores of a question's reference answers combine); the
+# first match wins, and any other dataset is scored as TextVQA is.
+_VQA_METRICS = (
+    (["TextVQA"], "vqa_score", "mean"),
+    (["ChartQA"], "relaxed_accuracy", "max"),
+    (["OCRVQA"], "accuracy", "max"),
+    (["GQA"], "accuracy", "mean"),
+    (["DocVQA", "InfoVQA"], "anls", "anls"),
+)
+
+
 def _metric(name: str, kind: str) -> tuple[str, str]:
     """(metric, hit rule) as `evaluate` / `hit_calculate` pick them."""
     if kind == MCQ:
@@ -122,25 +133,7 @@ def _metric(name: str, kind: str) -> tuple[str, str]:
         return "ocrbench", "mean"
     if _has(name, ["MathVista"]):
         return "mathvista", "mean"
-    if _has(name, ["TextVQA"]):
-        metric = "vqa_score"
-    elif _has(name, ["ChartQA"]):
-        metric = "relaxed_accuracy"
-    elif _has(name, ["OCRVQA", "GQA"]):
-        metric = "accuracy"
-    elif _has(name, ["DocVQA", "InfoVQA"]):
-        metric = "anls"
-    else:
-        metric = "vqa_score"
-    if _has(name, ["TextVQA"]):
-        rule = "mean"
-    elif _has(name, ["DocVQA", "InfoVQA"]):
-        rule = "anls"
-    elif _has(name, ["ChartQA", "OCRVQA"]):
-        rule = "max"
-    else:
-        rule = "mean"
-    return metric, rule
+    return next(((metric, rule) for names, metric, rule in _VQA_METRICS if _has(name, names)), ("vqa_score", "mean"))
 
 
 def _max_patches(name: str) -> int:
