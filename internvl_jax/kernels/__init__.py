@@ -1,0 +1,84 @@
+"""Which attention kernel runs: one choice per call, by backend, with one override.
+
+`model.attention` is the only caller: it asks `choose` and dispatches to
+- "reference": the pure-JAX paths in `model.attention` (blockwise online softmax for the decoder, one einsum +
+  softmax for the unmasked vision tower): every backend, and the fastest on XLA:CPU;
+- "xla": `jax.nn.dot_product_attention(implementation="xla")` (`kernels.xla`);
+- "cudnn": the same call with implementation="cudnn", cuDNN's flash attention, where cuDNN takes the call
+  (`xla.cudnn_fits`), else "xla";
+- "pallas": the Pallas TPU flash attention (`kernels.pallas_tpu`); off TPU it runs in Pallas's interpret mode,
+  which is for checking only (slow).
+
+Defaults: CPU "reference", GPU "cudnn", TPU "pallas". A decode step (one new token against the cache) runs
+"reference" unless overridden: its blockwise loop reads only the cache blocks below the longest row, where the
+kernels above would read every slot of the cache (no ragged decode kernel fits our cache layout yet: docs/kernels.md).
+
+Override: the environment variable INTERNVL_JAX_ATTENTION=reference|xla|cudnn|pallas, or `with
+kernels.use("xla"):`. Either is read when a program is traced (its first call): set it before that.
+`kernels.use(backend="tpu")` chooses for another backend than jax's default, for programs compiled here for a
+TPU topology (`compiled.py`): the Pallas kernels then lower for TPU, not in interpret mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from jax._src import config as jax_config  # private, but the only way into jit's cache key (see below)
+
+IMPLS = ("reference", "xla", "cudnn", "pallas")
+ENV = "INTERNVL_JAX_ATTENTION"
+DEFAULTS = {"cpu": "reference", "gpu": "cudnn", "tpu": "pallas"}
+
+# jax config states rather than plain context variables: they are part of jit's cache key, so a program traced
+# under one choice is not reused under another (modeling's and the engine's jitted functions are cached per model).
+_KEYED = dict(include_in_jit_key=True, include_in_trace_context=True)
+_impl = jax_config.optional_enum_state("internvl_jax_attention", IMPLS, None, "attention implementation override",
+                                       **_KEYED)
+_backend = jax_config.optional_enum_state("internvl_jax_attention_backend", tuple(DEFAULTS), None,
+                                          "backend the attention is chosen for", **_KEYED)
+
+
+def _checked(impl: str, where: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{where}={impl!r}: the attention implementation is one of {', '.join(IMPLS)}")
+    return impl
+
+
+@contextlib.contextmanager
+def use(impl: str | None = None, backend: str | None = None) -> Iterator[None]:
+    """Run every attention traced inside the block with `impl` (one of IMPLS; None: as outside) and choose as
+    for `backend` (cpu, gpu, tpu; None: as outside)."""
+    if backend is not None and backend not in DEFAULTS:
+        raise ValueError(f"kernels.use backend={backend!r}: one of {', '.join(DEFAULTS)}")
+    with _impl(_impl.value if impl is None else _checked(impl, "kernels.use")), \
+            _backend(backend or _backend.value):
+        yield
+
+
+def backend() -> str:
+    """The backend the attention is chosen (and the Pallas kernels lowered) for."""
+    return _backend.value or jax.default_backend()
+
+
+def requested() -> str | None:
+    """The override in force (the context manager, else the environment), or None."""
+    if (impl := _impl.value) is not None:
+        return impl
+    env = os.environ.get(ENV, "").strip()
+    return _checked(env, ENV) if env else None
+
+
+def choose(dtype: jnp.dtype, head_dim: int, decode: bool = False) -> str:
+    """The implementation one attention call runs: the override or the backend's default, then cuDNN's limits."""
+    from internvl_jax.kernels.xla import cudnn_fits
+
+    impl = requested()
+    if impl is None:
+        impl = "reference" if decode else DEFAULTS.get(backend(), "reference")
+    if impl == "cudnn" and not cudnn_fits(dtype, head_dim, backend()):
+        impl = "xla"
+    return impl

@@ -1,0 +1,201 @@
+"""The attention kernels behind `model.attention` against the reference paths, in float32 at full precision.
+
+What can run here runs: `jax.nn.dot_product_attention(implementation="xla")` and the Pallas TPU flash attention in
+interpret mode. Each TPU kernel is also compiled for a TPU topology (compile only; skipped without libtpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from internvl_jax import compiled, kernels
+from internvl_jax.model.attention import CachedKeys, KeyMask, attention, einsum_softmax, full_attention, reference
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def decoder_arrays(rng, b, t, kh, g, h):
+    q = rng.standard_normal((b, t, kh, g, h)).astype(np.float32)
+    k, v = (rng.standard_normal((b, t, kh, h)).astype(np.float32) for _ in range(2))
+    return q, k, v
+
+
+def left_padded(b, t):
+    valid = np.ones((b, t), bool)
+    if b > 1:
+        valid[1, : t // 3] = False  # left padding
+    if b > 2:
+        valid[2, : t - 1] = False  # only the last token is real
+    return valid
+
+
+def uncached_case(impl, b, t, kh, g, h, seed=0):
+    """Ours through `impl` and the einsum reference, on the real (not padded) queries."""
+    q, k, v = decoder_arrays(np.random.default_rng(seed), b, t, kh, g, h)
+    valid = left_padded(b, t)
+    with jax.default_matmul_precision("highest"):
+        with kernels.use(impl):
+            ours = np.asarray(jax.jit(attention)(q, k, v, KeyMask.uncached(jnp.asarray(valid))))
+        visible = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+        want = np.asarray(reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(visible)))
+    assert np.isfinite(ours).all()
+    return ours[valid], want[valid]
+
+
+@pytest.mark.parametrize("b, t, kh, g, h", [(3, 37, 2, 3, 8), (1, 1025, 1, 2, 64)])
+def test_xla_matches_reference_with_left_padding_and_groups(b, t, kh, g, h):
+    np.testing.assert_allclose(*uncached_case("xla", b, t, kh, g, h), **TOL)
+
+
+@pytest.mark.parametrize("b, t, kh, g, h", [(3, 37, 2, 3, 8), (1, 1025, 1, 2, 64)])
+def test_pallas_flash_interpreted_matches_reference(b, t, kh, g, h):
+    """37 tokens: padded to one 128-token block; 1025: to 9 blocks, the causal kernel skipping those above the
+    diagonal."""
+    np.testing.assert_allclose(*uncached_case("pallas", b, t, kh, g, h), **TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_cached_prefix_and_decode_step(impl):
+    """A decode step and a prefill chunk (t = 1, 5) over each row's own cache row below its own start, with left
+    padding in the cache; "pallas" has no cache kernel and runs the blockwise path (checked to agree too)."""
+    rng = np.random.default_rng(3)
+    b, s, kh, g, h = 2, 48, 2, 3, 8
+    ck, cv = (rng.standard_normal((2, b + 1, s, kh, h)).astype(np.float32) for _ in range(2))
+    start = np.array([21, 3], np.int32)
+    cached = np.arange(s)[None] < start[:, None]
+    cached[0, :4] = False
+    rows = np.array([2, 0])
+    for t in (1, 5):
+        q, k, v = decoder_arrays(rng, b, t, kh, g, h)
+        mask = KeyMask(jnp.asarray(start), jnp.asarray(cached), jnp.ones((b, t), bool))
+        keys = CachedKeys(jnp.asarray(ck), jnp.asarray(cv), jnp.int32(1), jnp.asarray(rows))
+        with jax.default_matmul_precision("highest"):
+            with kernels.use(impl):
+                ours = jax.jit(attention)(q, k, v, mask, keys)
+            visible = np.concatenate([np.broadcast_to(cached[:, None], (b, t, s)),
+                                      np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))], axis=2)
+            want = reference(jnp.asarray(q), jnp.asarray(np.concatenate([ck[1, rows], k], axis=1)),
+                             jnp.asarray(np.concatenate([cv[1, rows], v], axis=1)), jnp.asarray(visible))
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(want), **TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("n, s, heads, h", [(2, 40, 25, 8), (1, 1025, 1, 64)])
+def test_vision_attention_matches_einsum_softmax(impl, n, s, heads, h):
+    """The vision tower's unmasked form: the 6B tower's 25 heads (fewer tokens), and 1025 tokens (a 448px tile's
+    1024 patches + CLS, not a multiple of 128)."""
+    rng = np.random.default_rng(s)
+    q, k, v = (rng.standard_normal((n, s, heads, h)).astype(np.float32) for _ in range(3))
+    with jax.default_matmul_precision("highest"):
+        with kernels.use(impl):
+            ours = jax.jit(full_attention)(q, k, v)
+        want = einsum_softmax(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), **TOL)
+
+
+def test_dispatch_per_backend_and_override(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    assert kernels.choose(f32, 64) == "reference"  # this machine: CPU
+    with kernels.use(backend="tpu"):
+        assert kernels.choose(bf16, 64) == "pallas"
+        assert kernels.choose(bf16, 64, decode=True) == "reference"  # reads only the filled cache blocks
+    with kernels.use(backend="gpu"):
+        # cuDNN takes 16-bit inputs on a CUDA device: none here, so XLA's form, as for float32 or odd head dims
+        assert kernels.choose(bf16, 64) == "xla"
+        assert kernels.choose(f32, 64) == "xla"
+    monkeypatch.setattr("internvl_jax.kernels.xla.jax.devices", lambda: [_FakeCuda()])
+    with kernels.use(backend="gpu"):
+        assert kernels.choose(bf16, 64) == "cudnn"
+        assert kernels.choose(bf16, 128) == "cudnn"
+        assert kernels.choose(bf16, 12) == "xla"  # not a multiple of 8
+        assert kernels.choose(f32, 64) == "xla"
+        assert kernels.choose(bf16, 64, decode=True) == "reference"
+    monkeypatch.setenv(kernels.ENV, "xla")
+    assert kernels.choose(f32, 64) == "xla"
+    assert kernels.choose(f32, 64, decode=True) == "xla"  # an override holds for every call
+    with kernels.use("pallas"):  # the context manager wins over the environment
+        assert kernels.choose(f32, 64) == "pallas"
+    monkeypatch.setenv(kernels.ENV, "flash")
+    with pytest.raises(ValueError, match=f"{kernels.ENV}='flash'"):
+        kernels.choose(f32, 64)
+
+
+class _FakeCuda:
+    class client:  # noqa: N801 (the attribute jax's device has)
+        platform_version = "PJRT C API\ncuda 12090"
+
+
+def test_dispatch_reaches_the_kernel(monkeypatch):
+    """The choice is what runs: the traced program of each implementation differs as it should."""
+    q, k, v = (jnp.ones((1, 8, 2, 2, 8)), jnp.ones((1, 8, 2, 8)), jnp.ones((1, 8, 2, 8)))
+    mask = KeyMask.uncached(jnp.ones((1, 8), bool))
+    programs = {}
+    for impl in ("reference", "xla", "pallas"):
+        with kernels.use(impl):
+            programs[impl] = str(jax.make_jaxpr(attention)(q, k, v, mask))
+    assert "scan" in programs["reference"] and "pallas_call" not in programs["reference"]
+    assert "dot_general" in programs["xla"] and "scan" not in programs["xla"]
+    assert "pallas_call" in programs["pallas"]
+
+
+needs_libtpu = pytest.mark.skipif(not compiled.has_libtpu(), reason=f"needs libtpu ({compiled.TPU_EXTRA})")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("what", ["prefill", "vision"])
+def test_pallas_flash_compiles_for_tpu(what):
+    """The kernels lowered by Mosaic for a v5e chip (compile only): InternVL3-1B's prefill (14 heads, 2 KV heads,
+    head_dim 64, left padding) and the 6B vision tower's 25 heads x 128 at 1025 tokens, bfloat16."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from internvl_jax.kernels.pallas_tpu import flash
+
+    device = compiled.tpu_devices("v5e:2x2")[0]
+    one = NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)), PartitionSpec())
+    if what == "prefill":
+        b, t, n, kv, h = 2, 1000, 14, 2, 64
+        args = [jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=one),
+                *(jax.ShapeDtypeStruct((b, t, kv, h), jnp.bfloat16, sharding=one) for _ in range(2)),
+                jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=one)]
+        fn = lambda q, k, v, valid: flash(q, k, v, valid, causal=True, interpret=False)  # noqa: E731
+    else:
+        args = [jax.ShapeDtypeStruct((4, 1025, 25, 128), jnp.bfloat16, sharding=one) for _ in range(3)]
+        fn = lambda q, k, v: flash(q, k, v, None, causal=False, interpret=False)  # noqa: E731
+    with jax.default_matmul_precision("default"):  # conftest's "highest" asks Mosaic for fp32 passes on bf16
+        program = jax.jit(fn).lower(*args).compile()
+    assert "tpu_custom_call" in program.as_text()
+    assert program.memory_analysis().output_size_in_bytes >= 2 * np.prod(args[0].shape)  # TPU tiles pad it
+
+
+def test_tiny_model_same_logits_through_xla():
+    """End to end: the tiny model's forward (vision tower and decoder, left padding) through
+    `jax.nn.dot_product_attention` against the reference paths. (The cache's path: test_cached_prefix_and_decode_step.)
+    """
+    from internvl_jax.demo import demo_config
+    from internvl_jax.modeling import InternVL
+
+    config = demo_config(image_token_id=5, vocab_size=64)
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=56))  # 17 tokens
+    rng = np.random.default_rng(0)
+    # numpy's random weights: random_params' jitted init takes ~15 s to compile here
+    params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(np.float32) + 0.1,
+                          InternVL.abstract_params(config))
+    model = InternVL(config, params)
+    v = config.vision
+    tokens = model.get_image_features(np.zeros((1, 3, v.image_size, v.image_size), np.float32)).shape[1]
+    ids = np.concatenate([rng.integers(10, 64, (2, 3)), np.full((2, tokens), 5), rng.integers(10, 64, (2, 4))], 1)
+    mask = np.ones(ids.shape, np.int32)
+    mask[1, :2] = 0  # left padding
+    pixels = rng.standard_normal((2, 3, v.image_size, v.image_size)).astype(np.float32)
+    out = {}
+    for impl in ("reference", "xla"):
+        with kernels.use(impl):
+            out[impl] = np.asarray(model(ids, pixels, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out["xla"][real], out["reference"][real], atol=1e-5, rtol=1e-5)
