@@ -11,12 +11,14 @@ CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later with cuDNN 9; every InternVL
 
 def cudnn_fits(dtype: jnp.dtype, head_dim: int, backend: str) -> bool:
     """Whether cuDNN's flash attention takes the call (jax's check_is_flash_attention, the part known before
-    tracing): a CUDA GPU, 16-bit inputs, head_dim a multiple of 8 and at most 128."""
+    tracing): an NVIDIA GPU, 16-bit inputs, head_dim a multiple of 8 and at most 128."""
     if backend != "gpu" or jnp.dtype(dtype) not in CUDNN_DTYPES:
         return False
     if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
         return False
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
+    if jax.default_backend() != "gpu":
+        return True  # choosing for a GPU from elsewhere (a plan): an NVIDIA one, the only GPUs with chip facts here
+    return "cuda" in jax.devices()[0].client.platform_version.lower()  # not ROCm
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | None, implementation: str) -> jax.Array:
