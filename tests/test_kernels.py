@@ -105,17 +105,20 @@ def test_dispatch_per_backend_and_override(monkeypatch):
     with kernels.use(backend="tpu"):
         assert kernels.choose(bf16, 64) == "pallas"
         assert kernels.choose(bf16, 64, decode=True) == "reference"  # reads only the filled cache blocks
-    with kernels.use(backend="gpu"):
-        # cuDNN takes 16-bit inputs on a CUDA device: none here, so XLA's form, as for float32 or odd head dims
-        assert kernels.choose(bf16, 64) == "xla"
-        assert kernels.choose(f32, 64) == "xla"
-    monkeypatch.setattr("internvl_jax.kernels.xla.jax.devices", lambda: [_FakeCuda()])
-    with kernels.use(backend="gpu"):
-        assert kernels.choose(bf16, 64) == "cudnn"
-        assert kernels.choose(bf16, 128) == "cudnn"
+        with monkeypatch.context() as m:
+            m.setattr(jax, "device_count", lambda: 8)
+            assert kernels.choose(bf16, 64) == "reference"  # a Pallas call cannot be partitioned over a mesh
+    with kernels.use(backend="gpu"):  # choosing for an NVIDIA GPU from here (a plan): cuDNN where it fits
+        assert kernels.choose(bf16, 64) == kernels.choose(bf16, 128) == "cudnn"
         assert kernels.choose(bf16, 12) == "xla"  # not a multiple of 8
-        assert kernels.choose(f32, 64) == "xla"
+        assert kernels.choose(bf16, 256) == "xla"  # more than 128
+        assert kernels.choose(f32, 64) == "xla"  # cuDNN's flash attention is 16-bit only
         assert kernels.choose(bf16, 64, decode=True) == "reference"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # on a GPU: its platform decides
+    for platform, impl in (("cuda 12090", "cudnn"), ("rocm 60342", "xla")):
+        monkeypatch.setattr("internvl_jax.kernels.xla.jax.devices", lambda p=platform: [_FakeGpu(p)])
+        assert kernels.choose(bf16, 64) == impl
+    monkeypatch.undo()
     monkeypatch.setenv(kernels.ENV, "xla")
     assert kernels.choose(f32, 64) == "xla"
     assert kernels.choose(f32, 64, decode=True) == "xla"  # an override holds for every call
@@ -126,9 +129,9 @@ def test_dispatch_per_backend_and_override(monkeypatch):
         kernels.choose(f32, 64)
 
 
-class _FakeCuda:
-    class client:  # noqa: N801 (the attribute jax's device has)
-        platform_version = "PJRT C API\ncuda 12090"
+class _FakeGpu:
+    def __init__(self, platform: str):
+        self.client = type("Client", (), {"platform_version": f"PJRT C API\n{platform}"})()
 
 
 def test_dispatch_reaches_the_kernel(monkeypatch):

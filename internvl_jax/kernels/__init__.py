@@ -9,9 +9,10 @@
 - "pallas": the Pallas TPU flash attention (`kernels.pallas_tpu`); off TPU it runs in Pallas's interpret mode,
   which is for checking only (slow).
 
-Defaults: CPU "reference", GPU "cudnn", TPU "pallas". A decode step (one new token against the cache) runs
-"reference" unless overridden: its blockwise loop reads only the cache blocks below the longest row, where the
-kernels above would read every slot of the cache (no ragged decode kernel fits our cache layout yet: docs/kernels.md).
+Defaults: CPU "reference", GPU "cudnn", TPU "pallas" on one chip ("reference" on several: XLA refuses to
+partition a Pallas call, which would have to run under shard_map; not done yet). A decode step (one new token
+against the cache) runs "reference" unless overridden: its blockwise loop reads only the cache blocks below the
+longest row, where the kernels above would read every slot of the cache (docs/kernels.md).
 
 Override: the environment variable INTERNVL_JAX_ATTENTION=reference|xla|cudnn|pallas, or `with
 kernels.use("xla"):`. Either is read when a program is traced (its first call): set it before that.
@@ -79,6 +80,8 @@ def choose(dtype: jnp.dtype, head_dim: int, decode: bool = False) -> str:
     impl = requested()
     if impl is None:
         impl = "reference" if decode else DEFAULTS.get(backend(), "reference")
+        if impl == "pallas" and jax.device_count() > 1:
+            impl = "reference"  # XLA cannot split a Pallas call over a mesh ("wrap the call in a shard_map")
     if impl == "cudnn" and not cudnn_fits(dtype, head_dim, backend()):
         impl = "xla"
     return impl
