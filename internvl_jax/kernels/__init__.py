@@ -6,16 +6,18 @@
 - "xla": `jax.nn.dot_product_attention(implementation="xla")` (`kernels.xla`);
 - "cudnn": the same call with implementation="cudnn", cuDNN's flash attention, where cuDNN takes the call
   (`xla.cudnn_fits`), else "xla";
-- "pallas": the Pallas TPU flash attention (`kernels.pallas_tpu`); off TPU it runs in Pallas's interpret mode,
-  which is for checking only (slow).
+- "pallas": the Pallas TPU kernels (`kernels.pallas_tpu`): flash attention for calls without a cache and the
+  vision tower, our decode kernel for one token against the cache; a prefill chunk into a cache runs the
+  blockwise path. Off TPU they run in Pallas's interpret mode, which is for checking only (slow).
 
 Defaults: CPU "reference", GPU "cudnn", TPU "pallas" on one chip ("reference" on several: XLA refuses to
 partition a Pallas call, which would have to run under shard_map; not done yet). A decode step (one new token
-against the cache) runs "reference" unless overridden: its blockwise loop reads only the cache blocks below the
-longest row, where the kernels above would read every slot of the cache (docs/kernels.md).
+against the cache) runs the Pallas decode kernel on one TPU chip and "reference" elsewhere: both read only the
+cache blocks a row has filled, where the xla/cudnn forms would read every slot of the cache (docs/kernels.md).
 
-Override: the environment variable INTERNVL_JAX_ATTENTION=reference|xla|cudnn|pallas, or `with
-kernels.use("xla"):`. Either is read when a program is traced (its first call): set it before that.
+Override: the environment variable INTERNVL_JAX_ATTENTION=reference|xla|cudnn|pallas (read when a program is
+traced, its first call: set it before that), or `with kernels.use("xla"):` (part of jit's cache key: a program
+traced under another choice is traced again).
 `kernels.use(backend="tpu")` chooses for another backend than jax's default, for programs compiled here for a
 TPU topology (`compiled.py`): the Pallas kernels then lower for TPU, not in interpret mode.
 """
@@ -79,9 +81,11 @@ def choose(dtype: jnp.dtype, head_dim: int, decode: bool = False) -> str:
 
     impl = requested()
     if impl is None:
-        impl = "reference" if decode else DEFAULTS.get(backend(), "reference")
+        impl = DEFAULTS.get(backend(), "reference")
         if impl == "pallas" and jax.device_count() > 1:
             impl = "reference"  # XLA cannot split a Pallas call over a mesh ("wrap the call in a shard_map")
+        if decode and impl != "pallas":
+            impl = "reference"  # reads only the filled cache blocks; xla/cudnn would read every slot
     if impl == "cudnn" and not cudnn_fits(dtype, head_dim, backend()):
         impl = "xla"
     return impl

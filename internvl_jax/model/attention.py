@@ -101,19 +101,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: C
               block: int = BLOCK) -> jax.Array:
     """q [b,t,k,g,h], this call's keys and values k, v [b,t,k,h] -> [b,t,k,g,h] in q's dtype; softmax in float32.
 
-    `block`: the blockwise path's tile (tests)."""
+    `block`: the blockwise path's tile and the decode kernel's cache block (tests)."""
     b, t, kh, g, h = q.shape
     impl = kernels.choose(q.dtype, h, decode=cached is not None and t == 1)
     if impl == "pallas" and cached is None:
         from internvl_jax.kernels.pallas_tpu import flash
 
         return flash(q.reshape(b, t, kh * g, h), k, v, mask.new, causal=True).reshape(q.shape)
+    if impl == "pallas" and t == 1 and cached.k.shape[2] % 128 == 0:  # TPU blocks: slots in multiples of 128
+        from internvl_jax.kernels.pallas_tpu import decode
+
+        return decode(q[:, 0], k[:, 0], v[:, 0], mask.new[:, 0], cached.k, cached.v, cached.layer, cached.rows,
+                      mask.start, mask.cached, block=max(block, 128))[:, None]
     if impl in ("xla", "cudnn"):
         from internvl_jax.kernels.xla import attend
 
         keys, values, visible = _dense(k, v, mask, cached)
         return attend(q.reshape(b, t, kh * g, h), keys, values, visible, impl).reshape(q.shape)
-    # "reference", and "pallas" with a cache: no Pallas kernel reads our cache layout yet (docs/kernels.md)
+    # "reference", and "pallas" for a prefill chunk into a cache (no Pallas kernel for that yet: docs/kernels.md)
     return blockwise(q, k, v, mask, cached, block)
 
 
