@@ -7,6 +7,7 @@ interpret mode. Each TPU kernel is also compiled for a TPU topology (compile onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +155,38 @@ def test_dispatch_reaches_the_kernel(monkeypatch):
     assert "scan" in programs["reference"] and "pallas_call" not in programs["reference"]
     assert "dot_general" in programs["xla"] and "scan" not in programs["xla"]
     assert "pallas_call" in programs["pallas"]
+    cache = jnp.ones((2, 1, 128, 2, 8))
+    step = KeyMask(jnp.array([5]), jnp.ones((1, 128), bool), jnp.ones((1, 1), bool))
+    with kernels.use("pallas"):  # a decode step: the decode kernel, not the blockwise loop
+        program = str(jax.make_jaxpr(attention)(q[:, :1], k[:, :1], v[:, :1], step,
+                                                CachedKeys(cache, cache, jnp.int32(1), None)))
+    assert "pallas_call" in program and "while" not in program
 
 
 needs_libtpu = pytest.mark.skipif(not compiled.has_libtpu(), reason=f"needs libtpu ({compiled.TPU_EXTRA})")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("kh, g, h", [(2, 7, 64), (8, 4, 128)])
+def test_pallas_decode_compiles_for_tpu(kh, g, h):
+    """The decode kernel lowered by Mosaic for a v5e chip: InternVL3-1B's (2 KV heads x 7, head_dim 64) and 8B's
+    (8 x 4, 128) heads, 8 rows of a 2048-slot bfloat16 cache, 4 layers; no temporary copy of the cache."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from internvl_jax.kernels.pallas_tpu import decode
+
+    device = compiled.tpu_devices("v5e:2x2")[0]
+    one = NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)), PartitionSpec())
+    b, s, layers = 8, 2048, 4
+    sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
+    args = [sd((b, kh, g, h), jnp.bfloat16), sd((b, kh, h), jnp.bfloat16), sd((b, kh, h), jnp.bfloat16),
+            sd((b,), jnp.bool_), sd((layers, b, s, kh, h), jnp.bfloat16), sd((layers, b, s, kh, h), jnp.bfloat16),
+            sd((), jnp.int32), sd((b,), jnp.int32), sd((b,), jnp.int32), sd((b, s), jnp.bool_)]
+    with jax.default_matmul_precision("default"):
+        program = jax.jit(functools.partial(decode, interpret=False)).lower(*args).compile()
+    assert "tpu_custom_call" in program.as_text()
+    cache = 2 * layers * b * s * kh * h * 2
+    assert program.memory_analysis().temp_size_in_bytes < cache / 100, program.memory_analysis()
 
 
 @needs_libtpu
