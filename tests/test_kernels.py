@@ -241,3 +241,12 @@ def test_tiny_model_same_logits_through_xla():
             out[impl] = np.asarray(model(ids, pixels, mask))
     real = mask.astype(bool)
     np.testing.assert_allclose(out["xla"][real], out["reference"][real], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_override_is_one_named_line(monkeypatch, capsys):
+    from internvl_jax import cli
+
+    monkeypatch.setenv(kernels.ENV, "flash")
+    assert cli.main(["plan", "--preset", "1B"]) == 2  # plan says which attention would run: it asks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{kernels.ENV}='flash'" in err[0] and "reference, xla, cudnn, pallas" in err[0], err

@@ -38,11 +38,13 @@ DEFAULTS = {"cpu": "reference", "gpu": "cudnn", "tpu": "pallas"}
 
 # jax config states rather than plain context variables: they are part of jit's cache key, so a program traced
 # under one choice is not reused under another (modeling's and the engine's jitted functions are cached per model).
-_KEYED = dict(include_in_jit_key=True, include_in_trace_context=True)
-_impl = jax_config.optional_enum_state("internvl_jax_attention", IMPLS, None, "attention implementation override",
-                                       **_KEYED)
+# jax sets a state's initial value from the environment variable of its upper-cased name: INTERNVL_JAX_ATTENTION
+# (a string state, so that a bad value reaches `requested` and its message).
+_impl = jax_config.string_or_object_state("internvl_jax_attention", None, "attention implementation override",
+                                          include_in_jit_key=True, include_in_trace_context=True)
 _backend = jax_config.optional_enum_state("internvl_jax_attention_backend", tuple(DEFAULTS), None,
-                                          "backend the attention is chosen for", **_KEYED)
+                                          "backend the attention is chosen for", include_in_jit_key=True,
+                                          include_in_trace_context=True)
 
 
 def _checked(impl: str, where: str) -> str:
@@ -70,8 +72,8 @@ def backend() -> str:
 def requested() -> str | None:
     """The override in force (the context manager, else the environment), or None."""
     if (impl := _impl.value) is not None:
-        return impl
-    env = os.environ.get(ENV, "").strip()
+        return _checked(impl, ENV)  # kernels.use checks its own: a bad value here came from the environment
+    env = os.environ.get(ENV, "").strip()  # set after jax read it (not part of jit's key: set it before tracing)
     return _checked(env, ENV) if env else None
 
 
