@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from internvl_jax import bench
+from internvl_jax import bench, kernels
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.params import precision
 from internvl_jax.presets import shape_of
@@ -175,13 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="rounds per figure")
     p.add_argument("--layers", type=int, help="cap the decoder depth (a quicker, partial check)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (the accelerator default) or float32")
-    p.add_argument("--smoke", action="store_true", help="a tiny model, batch 1, 2 new tokens, 1 round: the whole "
+    p.add_argument("--attention", choices=kernels.IMPLS, help="attention implementation (default: the backend's, "
+                   "docs/kernels.md)")
+    p.add_argument("--smoke", action="store_true", help="a tiny model, batch 1, 8 new tokens, 1 round: the whole "
                    "check on a CPU in well under a minute (tests)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.batch, args.new_tokens, args.repeat = [1], 2, 1
+        args.batch, args.new_tokens, args.repeat = [1], 8, 1
     try:
-        report = run(args)
+        with kernels.use(args.attention):
+            report = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ def test_smoke_run_writes_every_figure_and_the_greedy_agreement(tmp_path, capsys
         assert all(math.isfinite(x) and x > 0 for x in figures), (name, r)
     assert set(p["ratios_jax_over_torch"]) == {"vision_tiles_per_s", "prefill_speed", "decode_b1"}
     agree = p["greedy_agreement"]
-    assert agree["tokens"] == 2 == len(agree["jax"]) == len(agree["torch"])
+    assert agree["tokens"] == 8 == len(agree["jax"]) == len(agree["torch"])
     assert 0 <= agree["fraction_equal"] <= 1
     assert (agree["fraction_equal"] == 1) == (agree["first_difference"] is None)
     assert "greedy tokens equal" in capsys.readouterr().out
