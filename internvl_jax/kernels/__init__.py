@@ -36,15 +36,21 @@ IMPLS = ("reference", "xla", "cudnn", "pallas")
 ENV = "INTERNVL_JAX_ATTENTION"
 DEFAULTS = {"cpu": "reference", "gpu": "cudnn", "tpu": "pallas"}
 
+def _keyed_state(make, *args):
+    try:
+        return make(*args, include_in_jit_key=True, include_in_trace_context=True)
+    except TypeError:  # a jax without these arguments: the choice then holds for programs traced after it is made
+        return make(*args)
+
+
 # jax config states rather than plain context variables: they are part of jit's cache key, so a program traced
 # under one choice is not reused under another (modeling's and the engine's jitted functions are cached per model).
 # jax sets a state's initial value from the environment variable of its upper-cased name: INTERNVL_JAX_ATTENTION
 # (a string state, so that a bad value reaches `requested` and its message).
-_impl = jax_config.string_or_object_state("internvl_jax_attention", None, "attention implementation override",
-                                          include_in_jit_key=True, include_in_trace_context=True)
-_backend = jax_config.optional_enum_state("internvl_jax_attention_backend", tuple(DEFAULTS), None,
-                                          "backend the attention is chosen for", include_in_jit_key=True,
-                                          include_in_trace_context=True)
+_impl = _keyed_state(jax_config.string_or_object_state, "internvl_jax_attention", None,
+                     "attention implementation override")
+_backend = _keyed_state(jax_config.optional_enum_state, "internvl_jax_attention_backend", tuple(DEFAULTS), None,
+                        "backend the attention is chosen for")
 
 
 def _checked(impl: str, where: str) -> str:
