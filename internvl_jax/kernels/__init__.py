@@ -36,6 +36,7 @@ IMPLS = ("reference", "xla", "cudnn", "pallas")
 ENV = "INTERNVL_JAX_ATTENTION"
 DEFAULTS = {"cpu": "reference", "gpu": "cudnn", "tpu": "pallas"}
 
+
 def _keyed_state(make, *args):
     try:
         return make(*args, include_in_jit_key=True, include_in_trace_context=True)
