@@ -215,32 +215,53 @@ def test_pallas_flash_compiles_for_tpu(what):
     assert program.memory_analysis().output_size_in_bytes >= 2 * np.prod(args[0].shape)  # TPU tiles pad it
 
 
-def test_tiny_model_same_logits_through_xla():
-    """End to end: the tiny model's forward (vision tower and decoder, left padding) through
-    `jax.nn.dot_product_attention` against the reference paths. (The cache's path: test_cached_prefix_and_decode_step.)
-    """
+def tiny_model(scale: float = 0.2, offset: float = 0.1):
     from internvl_jax.demo import demo_config
     from internvl_jax.modeling import InternVL
 
     config = demo_config(image_token_id=5, vocab_size=64)
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=56))  # 17 tokens
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=56))  # 4 tokens
     rng = np.random.default_rng(0)
     # numpy's random weights: random_params' jitted init takes ~15 s to compile here
-    params = jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(np.float32) + 0.1,
+    params = jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(np.float32) + offset,
                           InternVL.abstract_params(config))
     model = InternVL(config, params)
-    v = config.vision
-    tokens = model.get_image_features(np.zeros((1, 3, v.image_size, v.image_size), np.float32)).shape[1]
-    ids = np.concatenate([rng.integers(10, 64, (2, 3)), np.full((2, tokens), 5), rng.integers(10, 64, (2, 4))], 1)
+    ids = np.concatenate([rng.integers(10, 64, (2, 3)), np.full((2, 4), 5), rng.integers(10, 64, (2, 4))], 1)
     mask = np.ones(ids.shape, np.int32)
     mask[1, :2] = 0  # left padding
-    pixels = rng.standard_normal((2, 3, v.image_size, v.image_size)).astype(np.float32)
+    pixels = rng.standard_normal((2, 3, 56, 56)).astype(np.float32)
+    return model, ids, mask, pixels
+
+
+def test_tiny_model_same_logits_through_xla():
+    """End to end: the tiny model's forward (vision tower and decoder, left padding) through
+    `jax.nn.dot_product_attention` against the reference paths. (The cache's path: test_cached_prefix_and_decode_step.)
+    """
+    model, ids, mask, pixels = tiny_model()
     out = {}
     for impl in ("reference", "xla"):
         with kernels.use(impl):
             out[impl] = np.asarray(model(ids, pixels, mask))
     real = mask.astype(bool)
     np.testing.assert_allclose(out["xla"][real], out["reference"][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~1 minute: generation compiled three times, Pallas interpreted
+def test_tiny_model_generates_the_same_tokens_through_each_kernel():
+    """Greedy tokens of `generate` (static batch, left padding; its cache is no multiple of 128 slots, so "pallas"
+    decodes blockwise) and of the slot engine (512 slots: the Pallas decode kernel, seen traced) through "xla" and
+    "pallas" equal the reference's."""
+    model, ids, mask, pixels = tiny_model(0.3, 0.02)  # varied tokens (larger biases repeat one token)
+    out = {}
+    for impl in ("reference", "xla", "pallas"):
+        with kernels.use(impl):
+            out[impl] = (model.generate(ids, pixels, mask, max_new_tokens=6, do_sample=False),
+                         model.generate_many([{"input_ids": ids[0], "pixel_values": pixels[:1]}], slots=2,
+                                             cache_len=128, max_new_tokens=6, do_sample=False)[0])
+    assert len(set(out["reference"][0][1, -6:].tolist())) > 1
+    for impl in ("xla", "pallas"):
+        np.testing.assert_array_equal(out[impl][0], out["reference"][0])
+        np.testing.assert_array_equal(out[impl][1], out["reference"][1])
 
 
 def test_bad_override_is_one_named_line(monkeypatch, capsys):
