@@ -38,8 +38,8 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     from internvl_jax.engine.sampling import SamplingConfig
     from internvl_jax.model.params import as_dtype
 
-    if hasattr(args, "dtype"):  # resolved here, once: the runners record it in their run's fingerprint
-        args.dtype = as_dtype(args.dtype).name
+    if getattr(args, "dtype", None) is not None:  # unset: the backend's, decided when the model loads (asking jax
+        args.dtype = as_dtype(args.dtype).name  # for it here would start its backend before jax.distributed)
 
     for key in POSITIVE_ARGS:
         value = getattr(args, key, None)
