@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from internvl_jax.model.params import as_dtype, precision, precision_line
 from internvl_jax.presets import shape_of
 
 TEXT_TOKENS = 64
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"preset": args.preset, "dtype": args.dtype, "layers": config.text.num_layers, "machine": machine,
               "measured_bandwidth_GBps": max(samples) / 1e9,
               "bandwidth_samples_GBps": [x / 1e9 for x in samples], "measured_matmul_TFLOPs": flops / 1e12,
-              "decode_bound_tokens_per_s_b1": bound, "setup_s": time.perf_counter() - t0, "results": results}
+              "decode_bound_tokens_per_s_b1": bound, "setup_s": time.perf_counter() - t0, "results": results,
+              "precision": precision(args.dtype)}
     if "torch" in results:
         j, t = results["jax"], results["torch"]
         report["ratios_jax_over_torch"] = {
@@ -352,7 +354,8 @@ def table(report: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="InternVL3-1B",
                    help="family shape (random weights), e.g. 1B, 8B, or a checkpoint directory (its config only)")
-    p.add_argument("--dtype", default="float32", help="float32 (the fast path on CPU) or bfloat16")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: the backend's, model.params.default_dtype: "
+                   "bfloat16 on GPU and TPU, float32 on CPU, the fast path there)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32], help="decode batch sizes")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch size")
     p.add_argument("--repeat", type=int, default=3, help="rounds per figure (each alternates the engines)")
@@ -377,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="internvl-jax bench", description=__doc__)
     add_arguments(p)
     args = p.parse_args(argv)
+    args.dtype = as_dtype(args.dtype).name  # None: the backend's default
     out = Path(args.out)
     if args.workload != "speed":
         from internvl_jax import bench_serving
@@ -398,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot(out / "decode.png", report["results"], f"{args.preset} {args.dtype}")
     print(table(report))
+    print(precision_line(report["precision"]))
     print(f"wrote {out / 'bench.json'} and {out / 'decode.png'}")
     return 0
 

@@ -105,6 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from internvl_jax.model.params import default_dtype, precision, precision_line
     from internvl_jax.planner import parse_bytes, plan
     from internvl_jax.sharding import parse_mesh_spec
     from internvl_jax.targets import parse_target
@@ -113,6 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.presets import shape_of
 
     config = shape_of(args.preset)
+    args.dtype = args.dtype or default_dtype(target.kind)  # for the target's backend, not this machine's
     sizes = parse_mesh_spec(args.mesh)
     mesh = {a: n for a, n in sizes.items() if n != 1}
     memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
@@ -126,25 +128,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           "tiles": args.tiles, "dtype": args.dtype, "per_device_bytes": {
                               "weights": result.weights, "kv_cache": result.cache,
                               "activations_estimate": result.activations, "total": result.total},
-                          "device_memory": result.device_memory, "fits": result.fits}, indent=1))
+                          "device_memory": result.device_memory, "fits": result.fits,
+                          "precision": precision(args.dtype, target.kind)}, indent=1))
     else:
         print(header)
         print(result.report())
+        print(precision_line(precision(args.dtype, target.kind)))
     return 0 if result.fits in (None, True) else 1
 
 
 def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, int], header: str) -> int:
     """`plan --target tpu:...|gpu:...`: compiled for the target on abstract weights (see internvl_jax/compiled.py)."""
     from internvl_jax.compiled import compiled_plan
+    from internvl_jax.model.params import precision, precision_line
     from internvl_jax.planner import plan
 
     plan(config, {}, args.batch, args.seq, args.tiles, args.dtype)  # the same checks of batch, length, tiles
     result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype)
+    # The compiled programs trace the pure-JAX attention: a Pallas call is not split by XLA over a mesh (the
+    # kernels are compiled alone in tests/test_kernels.py; docs/kernels.md).
+    prec = {**precision(args.dtype, target.kind), "attention": "reference"}
     if args.json:
-        print(json.dumps(result.as_dict(), indent=1))
+        print(json.dumps({**result.as_dict(), "precision": prec}, indent=1))
     else:
         print(f"{header}, target {target.label}")
         print(result.report())
+        print(precision_line(prec))
     return 0 if result.headroom >= 0 else 1
 
 
@@ -210,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1)")
     p.add_argument("--seq", type=int, default=4096, help="prompt + new tokens per sequence")
     p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
-    p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
+    p.add_argument("--dtype", help="weight and activation dtype: bfloat16 or float32 (default: the target's, "
+                   "bfloat16 on TPU and GPU, float32 on cpu)")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
     p.add_argument("--target", default="cpu", help="cpu (analytic plan), tpu:GENERATION:GRID (compiled for that "
                    "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra), gpu:CHIPxCOUNT (compiled, e.g. gpu:h100x8; "

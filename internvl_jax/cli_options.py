@@ -23,7 +23,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float,
                    help="divide the logits of tokens already seen by this (> 0; 1: off)")
     p.add_argument("--seed", type=int, help="random seed for --do-sample (default 0)")
-    p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on GPU and TPU, float32 on CPU, where it "
+                   "is the fast path)")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,6 +36,10 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     """Refuse bad generation options before any model loads, naming the option. `SamplingConfig.check` decides
     what is valid; its messages start with the field name."""
     from internvl_jax.engine.sampling import SamplingConfig
+    from internvl_jax.model.params import as_dtype
+
+    if getattr(args, "dtype", None) is not None:  # unset: the backend's, decided when the model loads (asking jax
+        args.dtype = as_dtype(args.dtype).name  # for it here would start its backend before jax.distributed)
 
     for key in POSITIVE_ARGS:
         value = getattr(args, key, None)

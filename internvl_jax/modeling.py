@@ -32,9 +32,12 @@ from internvl_jax.source import Source, load_params
 
 
 class InternVL:
-    """InternVL3 in JAX. `model(input_ids, pixel_values, attention_mask)` returns logits [b, t, vocab]."""
+    """InternVL3 in JAX. `model(input_ids, pixel_values, attention_mask)` returns logits [b, t, vocab].
 
-    def __init__(self, config: InternVLConfig, params: Params, dtype: DTypeLike = "float32"):
+    `dtype` of weights and activations: None is the backend's default (`params.default_dtype`: bfloat16 on GPU and
+    TPU, float32 on CPU)."""
+
+    def __init__(self, config: InternVLConfig, params: Params, dtype: DTypeLike | None = None):
         self.config = config
         self.dtype = as_dtype(dtype)
         self.module = module_for(config, self.dtype)
@@ -44,22 +47,24 @@ class InternVL:
 
     # ----- construction -----
     @staticmethod
-    def abstract_params(config: InternVLConfig, dtype: DTypeLike = "float32", boxed: bool = False) -> Params:
+    def abstract_params(config: InternVLConfig, dtype: DTypeLike | None = None, boxed: bool = False) -> Params:
         """Parameter tree of ShapeDtypeStructs (no allocation). `boxed` keeps the logical-axis metadata."""
         return abstract_params(config, dtype, boxed)
 
     @classmethod
-    def from_config(cls, config: InternVLConfig, dtype: DTypeLike = "float32", seed: int = 0) -> InternVL:
+    def from_config(cls, config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0) -> InternVL:
         """Random weights of the configured shape (tests, benchmarks, family presets)."""
+        dtype = as_dtype(dtype)
         return cls(config, random_params(config, dtype, seed), dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: DTypeLike = "float32", mesh: jax.sharding.Mesh | None = None
+    def from_pretrained(cls, path: str | Path, dtype: DTypeLike | None = None, mesh: jax.sharding.Mesh | None = None
                         ) -> InternVL:
         """Load a checkpoint directory (or a hub id, downloaded when online): `-hf` safetensors, the original
         OpenGVLab layout, or a directory written by the converter (`python -m convert`); each parameter is read
         straight into its sharding on `mesh`."""
         directory = resolve(path)
+        dtype = as_dtype(dtype)
         config = InternVLConfig.from_pretrained(directory)
         source = None if checkpoint.is_converted(directory) else Source(directory, config)
         if source is not None:

@@ -64,7 +64,7 @@ def _is_batch(text: Any) -> bool:
     return isinstance(text, (list, tuple)) and len(text) > 0 and isinstance(text[0], (list, tuple, str))
 
 
-def pipeline(task: str, model: str | Path, dtype: str = "float32", mesh: Any = None) -> ImageTextToTextPipeline:
+def pipeline(task: str, model: str | Path, dtype: str | None = None, mesh: Any = None) -> ImageTextToTextPipeline:
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported; tasks: {', '.join(TASKS)}")
     from internvl_jax.hub import resolve

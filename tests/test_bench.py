@@ -27,6 +27,8 @@ def test_bench_against_torch_writes_every_figure(tiny, tmp_path, monkeypatch, ca
                      "--compare-torch", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["layers"] == tm.TEXT["num_hidden_layers"]
+    assert report["precision"] == {"weights": "float32", "activations": "float32", "softmax": "float32",
+                                   "norms": "float32", "matmul_precision": "highest", "attention": "reference"}
     assert len(report["bandwidth_samples_GBps"]) == 4  # two rounds x two engines, sampled beside batch 1
     for name in ("jax", "torch"):
         r = report["results"][name]

@@ -1,7 +1,10 @@
 """Grouped-query attention computed blockwise: an online softmax over blocks of keys, in pure JAX.
 
-This is the reference path every backend runs; accelerator kernels replace `attention` behind the same
-arguments. Nothing of size queries x all keys is ever formed: scores exist one [query block, key block] tile
+`attention` (the decoder's) and `full_attention` (the vision tower's, unmasked) are the two entry points; each asks
+`internvl_jax.kernels.choose` which implementation runs (docs/kernels.md): the pure-JAX paths here ("reference":
+`blockwise`, `einsum_softmax`), `jax.nn.dot_product_attention` (XLA or cuDNN) or a Pallas TPU kernel.
+
+The blockwise path: nothing of size queries x all keys is ever formed: scores exist one [query block, key block] tile
 at a time, so memory is linear in the sequence, and the keys already in the cache are read only up to the
 last filled slot (`KeyMask.start`): a decode step's reads follow the real lengths, not the cache's size.
 
@@ -23,6 +26,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from internvl_jax import kernels
 
 BLOCK = 512  # keys (and queries) per tile: 14 heads x 512 x 512 float32 scores = 15 MB
 _NEG = float(jnp.finfo(jnp.float32).min)  # finite: exp(_NEG - m) underflows to 0, exp(_NEG - _NEG) = 1
@@ -94,7 +99,70 @@ def block_size(n: int, block: int = BLOCK) -> int:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: CachedKeys | None = None,
               block: int = BLOCK) -> jax.Array:
-    """q [b,t,k,g,h], this call's keys and values k, v [b,t,k,h] -> [b,t,k,g,h] in q's dtype."""
+    """q [b,t,k,g,h], this call's keys and values k, v [b,t,k,h] -> [b,t,k,g,h] in q's dtype; softmax in float32.
+
+    `block`: the blockwise path's tile and the decode kernel's cache block (tests)."""
+    b, t, kh, g, h = q.shape
+    impl = kernels.choose(q.dtype, h, decode=cached is not None and t == 1)
+    if impl == "pallas" and cached is None:
+        from internvl_jax.kernels.pallas_tpu import flash
+
+        return flash(q.reshape(b, t, kh * g, h), k, v, mask.new, causal=True).reshape(q.shape)
+    if impl == "pallas" and t == 1 and cached.k.shape[2] % 128 == 0:  # TPU blocks: slots in multiples of 128
+        from internvl_jax.kernels.pallas_tpu import decode
+
+        return decode(q[:, 0], k[:, 0], v[:, 0], mask.new[:, 0], cached.k, cached.v, cached.layer, cached.rows,
+                      mask.start, mask.cached, block=max(block, 128))[:, None]
+    if impl in ("xla", "cudnn"):
+        from internvl_jax.kernels.xla import attend
+
+        keys, values, visible = _dense(k, v, mask, cached)
+        return attend(q.reshape(b, t, kh * g, h), keys, values, visible, impl).reshape(q.shape)
+    # "reference", and "pallas" for a prefill chunk into a cache (no Pallas kernel for that yet: docs/kernels.md)
+    return blockwise(q, k, v, mask, cached, block)
+
+
+def _dense(k: jax.Array, v: jax.Array, mask: KeyMask, cached: CachedKeys | None
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Every key the call may see and which of them each query sees, for kernels that take one key sequence:
+    the cache's slots (all of them) then this call's keys; visible [b, t, slots + t] (quadratic: kernels only)."""
+    t = k.shape[1]
+    visible = jnp.tril(jnp.ones((t, t), bool))[None] & mask.new[:, None, :]
+    if cached is None:
+        return k, v, visible
+    slots, b = cached.k.shape[2], k.shape[0]
+    ck, cv = (_read(c, cached.layer, cached.rows, jnp.int32(0), slots, b).astype(k.dtype)
+              for c in (cached.k, cached.v))
+    seen = mask.cached & (jnp.arange(slots)[None] < mask.start[:, None])
+    visible = jnp.concatenate([jnp.broadcast_to(seen[:, None], (b, t, slots)), visible], axis=2)
+    return jnp.concatenate([ck, k], axis=1), jnp.concatenate([cv, v], axis=1), visible
+
+
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Unmasked attention (the vision tower): q, k, v [n, s, heads, h] -> [n, s, heads, h] in v's dtype."""
+    impl = kernels.choose(q.dtype, q.shape[-1])
+    if impl == "pallas":
+        from internvl_jax.kernels.pallas_tpu import flash
+
+        return flash(q, k, v, None, causal=False)
+    if impl in ("xla", "cudnn"):
+        from internvl_jax.kernels.xla import attend
+
+        return attend(q, k, v, None, impl)
+    return einsum_softmax(q, k, v)
+
+
+def einsum_softmax(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The reference unmasked form: one [s, s] score matrix per head, softmax in float32. Faster than `blockwise`
+    on XLA:CPU at the vision tower's 1025 tokens, and what the CPU runs."""
+    scores = jnp.einsum("nshk,nthk->nhst", q, k) * (q.shape[-1] ** -0.5)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("nhst,nthk->nshk", probs, v)
+
+
+def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: CachedKeys | None = None,
+              block: int = BLOCK) -> jax.Array:
+    """The reference decoder attention (the module docstring): q [b,t,k,g,h], k, v [b,t,k,h] -> [b,t,k,g,h]."""
     b, t, kh, g, h = q.shape
     q = q * jnp.asarray(h**-0.5, q.dtype)
     tile = block_size(t, block)

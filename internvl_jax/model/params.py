@@ -21,8 +21,34 @@ DTypeLike = str | jnp.dtype | type
 PARAM_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def as_dtype(dtype: DTypeLike) -> jnp.dtype:
-    """A parameter dtype, checked: float32, bfloat16 or float16."""
+def default_dtype(backend: str | None = None) -> str:
+    """The dtype of weights and activations when none is asked for (the one place it is decided): bfloat16 on GPU
+    and TPU, with softmax and norms in float32 (`model.layers`, `model.attention`); float32 on CPU, where XLA's
+    bfloat16 matmuls run ~9x slower. `backend`: jax's default backend when None (plan: the target's)."""
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def precision(dtype: DTypeLike | None = None, backend: str | None = None) -> dict[str, str]:
+    """What a program computes in, for reports (`plan`, `bench`): weights and activations in `dtype` (None: the
+    backend's default), softmax and norms always float32, jax's matmul precision setting, the prefill attention."""
+    from internvl_jax import kernels
+
+    d = as_dtype(dtype if dtype is not None else default_dtype(backend))
+    with kernels.use(backend=backend):
+        attention = kernels.choose(d, 128)  # every InternVL3 text head_dim is 64 or 128: the same choice
+    return {"weights": d.name, "activations": d.name, "softmax": "float32", "norms": "float32",
+            "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"), "attention": attention}
+
+
+def precision_line(p: dict[str, str]) -> str:
+    return (f"precision: weights {p['weights']}, activations {p['activations']}, softmax {p['softmax']}, norms "
+            f"{p['norms']}, matmul precision {p['matmul_precision']}, attention {p['attention']}")
+
+
+def as_dtype(dtype: DTypeLike | None) -> jnp.dtype:
+    """A parameter dtype, checked: float32, bfloat16 or float16; None: the backend's (`default_dtype`)."""
+    if dtype is None:
+        dtype = default_dtype()
     try:
         d = jnp.dtype(dtype)
     except TypeError as e:
@@ -32,7 +58,7 @@ def as_dtype(dtype: DTypeLike) -> jnp.dtype:
     return d
 
 
-def module_for(config: InternVLConfig, dtype: DTypeLike = "float32") -> InternVLModule:
+def module_for(config: InternVLConfig, dtype: DTypeLike | None = None) -> InternVLModule:
     """The linen module computing (and holding parameters) in `dtype`."""
     d = as_dtype(dtype)
     return InternVLModule(config, d, d)
@@ -48,13 +74,13 @@ def _init(module: InternVLModule, key: jax.Array) -> Params:
     return module.init(key, ids, pixels, positions, mask, method=InternVLModule.init_all)["params"]
 
 
-def abstract_params(config: InternVLConfig, dtype: DTypeLike = "float32", boxed: bool = False) -> Params:
+def abstract_params(config: InternVLConfig, dtype: DTypeLike | None = None, boxed: bool = False) -> Params:
     """Parameter tree of ShapeDtypeStructs (no allocation). `boxed` keeps the logical-axis metadata."""
     tree = jax.eval_shape(lambda: _init(module_for(config, dtype), jax.random.PRNGKey(0)))
     return tree if boxed else nn.unbox(tree)
 
 
-def random_params(config: InternVLConfig, dtype: DTypeLike = "float32", seed: int = 0) -> Params:
+def random_params(config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0) -> Params:
     """Random weights of the configured shape (tests, benchmarks, family presets, the demo checkpoint)."""
     module = module_for(config, dtype)
     return jax.jit(lambda key: nn.unbox(_init(module, key)))(jax.random.PRNGKey(seed))

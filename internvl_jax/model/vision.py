@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import VisionConfig
+from internvl_jax.model.attention import full_attention
 from internvl_jax.model.layers import HIDDEN, Dense, LayerNorm, RMSNorm, activation, norm, weight
 from internvl_jax.rules import constrain
 
@@ -97,9 +98,7 @@ class VisionLayer(nn.Module):
                 q = RMSNorm(c.layer_norm_eps, "vis_qk", pd, name="q_norm")(q.reshape(*q.shape[:2], d))
                 kk = RMSNorm(c.layer_norm_eps, "vis_qk", pd, name="k_norm")(kk.reshape(*kk.shape[:2], d))
                 q, kk = q.reshape(*q.shape[:2], h, k), kk.reshape(*kk.shape[:2], h, k)
-            scores = jnp.einsum("nshk,nthk->nhst", q, kk) * (k**-0.5)
-            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-            attn = jnp.einsum("nhst,nthk->nshk", probs, v)
+            attn = full_attention(q, kk, v)
             attn = Dense((d,), ("vis_heads", "head_dim", "vis_embed"), True, n_in=2, param_dtype=pd, name="o")(attn)
             # Layer scale multiplies the branch before the residual add.
             ls1 = weight(self, "ls1", (d,), ("vis_embed",), nn.initializers.constant(c.layer_scale_init_value), pd)
