@@ -192,6 +192,10 @@ def test_batch_resume_after_completion_and_merge_only(ckpt, prompts, reference, 
     # Everything is already done: no model is loaded, the final file is merged again, identical.
     assert cli_main(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out), *OPTS]) == 0
     assert "0 to do" in capsys.readouterr().err and out.read_bytes() == reference
+    # --dtype float32 given is the run made with the unset default on this CPU: the same run, not refused.
+    assert cli_main(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out), *OPTS,
+                     "--dtype", "float32"]) == 0
+    assert "0 to do" in capsys.readouterr().err
     # Other settings on the same output are refused instead of mixing two runs' answers.
     assert cli_main(["batch", "--model", str(ckpt), "--input", str(prompts[0]), "--output", str(out),
                      "--max-new-tokens", "5", "--max-patches", "2", "--num-frames", "4", "--save-token-ids"]) == 2

@@ -53,7 +53,12 @@ def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: 
 
     sampling = SamplingConfig.from_checkpoint(directory).update(**generation_kwargs(args))
     ids = hashlib.sha256("\n".join(id_key(r.id) for r in requests).encode("utf-8")).hexdigest()
-    fp = {"kind": kind, "model": str(directory.resolve()), "dtype": args.dtype, "records": len(requests),
+    from internvl_jax.model.params import as_dtype
+
+    # The dtype that runs (an unset --dtype is the backend's default): a run resumed with or without the flag, or
+    # begun before the default depended on the backend, is the same run. Called after jax.distributed starts.
+    dtype = as_dtype(args.dtype).name
+    fp = {"kind": kind, "model": str(directory.resolve()), "dtype": dtype, "records": len(requests),
           "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
           "system": args.system, "save_token_ids": args.save_token_ids,
           **({"profile": args.profile} if getattr(args, "profile", None) else {})}  # eval: its dataset profile
