@@ -229,28 +229,11 @@ def cache_len_decode(model: Any, new: int = 64) -> dict[str, Any]:
 
 
 def plot_done(path: Path, series: dict[str, list[float]], title: str) -> None:
-    """Requests done against time, one line per side (Pillow only)."""
-    from PIL import Image, ImageDraw
+    """Requests done against time, one line per side."""
+    from internvl_jax.plots import lines
 
-    w, h, m = 720, 440, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    right = max(max(s) for s in series.values()) * 1.05
-    top = max(len(s) for s in series.values())
-    x = lambda t: m + (w - 2 * m) * t / right  # noqa: E731
-    y = lambda n: h - m - (h - 2 * m) * n / top  # noqa: E731
-    d.line([(m, h - m), (w - m, h - m)], fill="black")
-    d.line([(m, m), (m, h - m)], fill="black")
-    for k in range(5):
-        d.text((x(right * k / 4) - 10, h - m + 8), f"{right * k / 4:.0f}", fill="black")
-        d.text((6, y(top * k / 4) - 6), f"{top * k / 4:.0f}", fill="black")
-    colors = [(30, 90, 200), (220, 80, 30)]
-    for n, (name, done) in enumerate(series.items()):
-        pts = [(x(0), y(0))] + [(x(t), y(i + 1)) for i, t in enumerate(done)]
-        d.line(pts, fill=colors[n % 2], width=3)
-        d.text((w - m - 160, m + 16 * n), name, fill=colors[n % 2])
-    d.text((m, 16), title + " - requests done vs seconds", fill="black")
-    img.save(path)
+    lines(path, {name: [(0.0, 0.0)] + [(t, i + 1) for i, t in enumerate(done)] for name, done in series.items()},
+          title + " - requests done vs seconds")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -211,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("parity", help="logits and every stage against transformers (torch), with the first that "
                    "diverges (parity --help)", add_help=False)
+    from internvl_jax.training import finetune_cli
+
+    finetune_cli.add_arguments(sub.add_parser("finetune", help="fine-tune a checkpoint on conversations (optax)"))
     p = sub.add_parser("plan", help="per-device memory of a preset on a mesh (no allocation)")
     p.add_argument("--preset", default="InternVL3-1B",
                    help="model shape: a preset name, a size such as 8B, or a checkpoint directory "
@@ -249,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "generate" or (args.command in RUNNER_COMMANDS and not args.merge_only):
                 with held():  # an import of jaxlib that is interrupted half-way crashes the process
                     import jax  # noqa: F401
-            return {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan, **RUNNER_COMMANDS}[args.command](args)
+            commands = {"generate": cmd_generate, "demo": cmd_demo, "plan": cmd_plan,
+                        "finetune": finetune_cli.command, **RUNNER_COMMANDS}
+            return commands[args.command](args)
     except (FileNotFoundError, ValueError, MemoryError) as e:
         # User errors get one line naming the problem, not a traceback.
         print(f"internvl-jax {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
