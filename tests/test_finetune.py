@@ -112,3 +112,23 @@ def test_frozen_parts_and_bad_records(setup, tmp_path, capsys):
     assert cli_main(["finetune", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "x"),
                      "--freeze", "vision,eyes"]) == 2
     assert "--freeze eyes" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two runs in fresh processes: about two minutes
+def test_a_mesh_of_virtual_devices_gives_the_same_curve(setup, tmp_path):
+    """The same two updates on one device and on a (data=2, tensor=4) mesh of 8 CPU devices (weights split by the
+    rules table, rows over data): the same losses."""
+    import os
+    import subprocess
+    import sys
+
+    _, ckpt, train, _ = setup
+    curves = []
+    for name, mesh, flags in (("one", [], ""), ("mesh", ["--mesh", "data=2,tensor=4"],
+                                                 "--xla_force_host_platform_device_count=8")):
+        env = {**os.environ, "XLA_FLAGS": flags}
+        subprocess.run([sys.executable, "-m", "internvl_jax.cli", "finetune", "--model", str(ckpt), "--data",
+                        str(train), "--out", str(tmp_path / name), "--steps", "2", "--batch-size", "4", *mesh,
+                        "--no-progress"], check=True, env=env, capture_output=True)
+        curves.append([json.loads(ln)["loss"] for ln in (tmp_path / name / "loss.jsonl").read_text().splitlines()])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
