@@ -10,7 +10,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import (
+    add_generation_arguments,
+    check_generation_arguments,
+    generation_kwargs,
+    model_kwargs,
+)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from internvl_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh, **model_kwargs(args))
     processor = InternVLProcessor.from_pretrained(directory)
     t1 = time.perf_counter()
     template_kwargs = {"num_frames": args.num_frames} if args.num_frames is not None else {}

@@ -24,6 +24,15 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="divide the logits of tokens already seen by this (> 0; 1: off)")
     p.add_argument("--seed", type=int, help="random seed for --do-sample (default 0)")
     p.add_argument("--dtype", default="float32", help="float32 (fastest on CPU) or bfloat16")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                   help="quantize the weights while loading (a checkpoint converted with --quantize loads quantized)")
+    p.add_argument("--kv-cache-dtype", default=None, metavar="{auto,int8}",
+                   help="int8: keep keys and values in int8, one scale per token and KV head (default: --dtype)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`InternVL.from_pretrained` keyword arguments of the model options (--quantize, --kv-cache-dtype)."""
+    return {"quantize": getattr(args, "quantize", None), "kv_cache_dtype": getattr(args, "kv_cache_dtype", None)}
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +44,14 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     """Refuse bad generation options before any model loads, naming the option. `SamplingConfig.check` decides
     what is valid; its messages start with the field name."""
     from internvl_jax.engine.sampling import SamplingConfig
+    from internvl_jax.model.params import check_kv_cache
+    from internvl_jax.quant import check_scheme
 
+    try:
+        check_scheme(getattr(args, "quantize", None))
+        check_kv_cache(getattr(args, "kv_cache_dtype", None))
+    except ValueError as exc:
+        raise ValueError(f"--{str(exc).replace('_', '-')}") from None
     for key in POSITIVE_ARGS:
         value = getattr(args, key, None)
         if value is not None and value < 1:

@@ -297,7 +297,8 @@ def stream(module: InternVLModule, params: Params, inputs: ModelInputs, sampling
         return KVCache.zeros(cfg.text, total, lay.slots, dtype)
 
     # On a mesh the cache is allocated in place, already split as the rules table says.
-    cache = zeros() if mesh is None else jax.jit(zeros, out_shardings=cache_shardings(cfg, mesh, total, lay.slots, dtype))()
+    cache = zeros() if mesh is None else jax.jit(
+        zeros, out_shardings=cache_shardings(cfg, mesh, total, lay.slots, dtype))()
     pixels_dev = None if prep.pixels is None else put(prep.pixels)
     logits, cache = _prefill_fn(module)(params, put(prep.ids), pixels_dev, put(prep.positions), put(prep.kv_mask),
                                         cache, put(prep.feature_rows))

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 SCHEMES = ("int8", "int4")
 VERSION = 1  # of the quantized checkpoint format (the converter's manifest records it)
@@ -113,11 +112,23 @@ def nbytes(shape: Sequence[int], dtype: jnp.dtype) -> int:
 
 
 def quantize_tree(flat: dict[str, jax.Array], target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
-    """Float parameters (flat paths) -> the quantized tree `target` (`abstract_params(..., quant=)`, flat)."""
-    out = {}
-    for path, w in flat.items():
-        out.update(quantize_param(path, w, target))
-    return out
+    """Float parameters (flat paths) -> the quantized tree `target` (`abstract_params(..., quant=)`, flat), in one
+    compiled program (the loaders quantize one parameter at a time instead: `quantize_param`)."""
+    def run(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        out = {}
+        for path, w in flat.items():
+            if path + SCALE in target:
+                s = target[path + SCALE]
+                out[path], out[path + SCALE] = quantize(w, s.shape, _scheme(target[path].dtype), s.dtype)
+            else:
+                out[path] = w
+        return out
+
+    return jax.jit(run)(flat)
+
+
+def _scheme(dtype: jnp.dtype) -> str:
+    return next(k for k, v in _STORAGE.items() if jnp.dtype(v) == dtype)
 
 
 def float_specs(target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -133,7 +144,7 @@ def quantize_param(path: str, w: jax.Array, target: dict[str, jax.ShapeDtypeStru
     if path + SCALE not in target:
         return {path: w}
     s = target[path + SCALE]
-    scheme = next(k for k, v in _STORAGE.items() if jnp.dtype(v) == target[path].dtype)
+    scheme = _scheme(target[path].dtype)
     out = None if shardings is None else (shardings[path], shardings[path + SCALE])
     q, scale = _quantize_fn(tuple(s.shape), scheme, jnp.dtype(s.dtype), out)(w)
     return {path: q, path + SCALE: scale}
@@ -144,8 +155,3 @@ def _quantize_fn(sshape: tuple[int, ...], scheme: str, scale_dtype: jnp.dtype, o
                  ) -> Callable:
     """Jitted `quantize` (on a mesh each device quantizes its own block)."""
     return jax.jit(lambda w: quantize(w, sshape, scheme, scale_dtype), out_shardings=out_shardings)
-
-
-def host_values(a: jax.Array) -> np.ndarray:
-    """A (possibly int4) array on the host, int4 widened to int8 (numpy has no int4)."""
-    return np.asarray(a.astype(jnp.int8) if a.dtype == jnp.int4 else a)

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import (
+    add_generation_arguments,
+    check_generation_arguments,
+    generation_kwargs,
+    model_kwargs,
+)
 from internvl_jax.runners import shards
 from internvl_jax.runners.records import Request, id_key, read_prompts
 from internvl_jax.runners.shards import RunMismatch, Share
@@ -120,7 +125,7 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
     if args.do_sample and not args.slots:
         print("internvl-jax: note: sampled answers depend on which rows share a batch, so a resumed or sharded "
               "run is not token-identical to an uninterrupted one (greedy runs are)", file=sys.stderr)
-    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh, **model_kwargs(args))
     # eval: its profile's image backend, and no EXIF rotation (VLMEvalKit's PIL loading applies none).
     processor = InternVLProcessor.from_pretrained(directory, **getattr(args, "processor", {}))
     opts = RunOptions(slots=args.slots, cache_len=args.cache_len, batch_size=args.batch_size, window=args.window,
