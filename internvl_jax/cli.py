@@ -111,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.planner import parse_bytes, plan
+    from internvl_jax.quant import check_scheme
     from internvl_jax.sharding import parse_mesh_spec
     from internvl_jax.targets import parse_target
 
@@ -121,14 +122,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes = parse_mesh_spec(args.mesh)
     mesh = {a: n for a, n in sizes.items() if n != 1}
     memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
-    header = (f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
-              f"{args.tiles} tiles")
+    quant = check_scheme(args.quantize)
+    weights = f" weights {quant}" if quant else ""
+    header = (f"{args.preset} {args.dtype}{weights}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} "
+              f"tokens, {args.tiles} tiles")
     if target.topology is not None:
         return _compiled_plan(args, config, target, sizes, header)
-    result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
+    result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory, quant)
     if args.json:
         print(json.dumps({"target": target.label, "mesh": mesh, "batch": args.batch, "context": args.seq,
-                          "tiles": args.tiles, "dtype": args.dtype, "per_device_bytes": {
+                          "tiles": args.tiles, "dtype": args.dtype, "quantize": quant or None, "per_device_bytes": {
                               "weights": result.weights, "kv_cache": result.cache,
                               "activations_estimate": result.activations, "total": result.total},
                           "device_memory": result.device_memory, "fits": result.fits}, indent=1))
@@ -144,7 +147,7 @@ def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, in
     from internvl_jax.planner import plan
 
     plan(config, {}, args.batch, args.seq, args.tiles, args.dtype)  # the same checks of batch, length, tiles
-    result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype)
+    result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype, args.quantize)
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
     else:
@@ -217,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiles", type=int, default=13, help="448px tiles in the batch (12 + thumbnail per image)")
     p.add_argument("--dtype", default="bfloat16", help="weight and activation dtype: bfloat16 or float32")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}", help="weights stored int8 or int4 (with "
+                   "their scales): count their bytes")
     p.add_argument("--target", default="cpu", help="cpu (analytic plan), tpu:GENERATION:GRID (compiled for that "
                    "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra), gpu:CHIPxCOUNT (compiled, e.g. gpu:h100x8; "
                    "needs the gpu-plan extra) or h100/h200 (analytic, their HBM)")

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from convert.cli import convert_main, export_main
-from internvl_jax import InternVL, checkpoint, quant
+from internvl_jax import InternVL, checkpoint, compiled, quant
 from internvl_jax.cli import main as cli_main
 from internvl_jax.demo import demo_config
 from internvl_jax.model.params import abstract_params, quantize_params
+from internvl_jax.presets import preset
 from internvl_jax.quant import quality
+from internvl_jax.sharding import parse_mesh_spec
 from internvl_jax.weights import flatten_paths
 from tests import tiny_models as tm
 
@@ -171,3 +173,22 @@ def test_quantized_weights_shard_by_the_rules_table(tmp_path):
         assert r["split_scales"] > 0  # scales are split across chips too, not copied to every one
         assert r["logit_err"] <= 1e-4 * max(1.0, r["ref_max"]), (scheme, r)
         assert r["converted_equal"], scheme
+
+
+@pytest.mark.skipif(not compiled.has_libtpu(), reason=f"needs libtpu ({compiled.TPU_EXTRA})")
+def test_int8_decode_step_on_tpu_accesses_at_most_055x_the_bfloat16_bytes():
+    """The decode step compiled for a TPU (compile only) at the 1B layer shapes, 2 layers: XLA's bytes accessed
+    (the layer loop's body counted once, the head whole) with int8 weights against bfloat16 ones."""
+    cfg = preset("1B")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=2))
+    mesh = compiled.target_mesh(compiled.tpu_devices("v5e:2x4"), parse_mesh_spec("tensor=8"), "tpu:v5e:2x4")
+    bf16 = compiled.decode_bytes(cfg, mesh, batch=1, slots=256)
+    int8 = compiled.decode_bytes(cfg, mesh, batch=1, slots=256, quant="int8")
+    assert int8.weights <= 0.52 * bf16.weights  # values a byte each, plus one scale per output channel
+    assert int8.accessed <= 0.55 * bf16.accessed, (int8.accessed, bf16.accessed)
+    assert int8.cache_copies == 0
+
+
+def test_an_integer_dtype_points_to_quantize(tiny_hf):
+    with pytest.raises(ValueError, match=r"dtype 'int8'.*pass quantize='int8'"):
+        InternVL.from_pretrained(tiny_hf, dtype="int8")

@@ -29,7 +29,10 @@ def as_dtype(dtype: DTypeLike) -> jnp.dtype:
     except TypeError as e:
         raise ValueError(f"dtype {dtype!r} is not a dtype name (float32, bfloat16, float16)") from e
     if d not in PARAM_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: parameters must be float32, bfloat16 or float16")
+        # int8 / int4 weights are a storage choice, not a compute dtype: `quantize` keeps the compute in float.
+        stored = d.name in quantization.SCHEMES
+        hint = f"; for {d.name} weights pass quantize={d.name!r} (--quantize {d.name})" if stored else ""
+        raise ValueError(f"dtype {dtype!r}: parameters must be float32, bfloat16 or float16{hint}")
     return d
 
 
