@@ -69,12 +69,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "auto", layout: st
         with Progress(total_bytes, total_tensors, len(floats), enabled=progress) as bar:
             for path, spec in floats.items():
                 array = source.read_param(path, spec, shardings[path], bar.read)
-                for name, stored in quant.quantize_param(path, array, abstract, shardings).items():
+                written = quant.quantize_param(path, array, abstract, shardings)  # {path: array} unless quantized
+                for name, stored in written.items():
                     writer.save(name, stored)
-                    stored.delete()
                 # Freed now, not whenever the last reference goes: at most one parameter is alive at a time.
-                array.delete()
-                del array, stored
+                for stored in {id(a): a for a in (array, *written.values())}.values():
+                    stored.delete()
+                del array, stored, written
                 _return_freed_memory()
                 bar.param_done()
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -60,7 +60,9 @@ def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: 
     fp = {"kind": kind, "model": str(directory.resolve()), "dtype": args.dtype, "records": len(requests),
           "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
           "system": args.system, "save_token_ids": args.save_token_ids,
-          **({"profile": args.profile} if getattr(args, "profile", None) else {})}  # eval: its dataset profile
+          **({"profile": args.profile} if getattr(args, "profile", None) else {}),  # eval: its dataset profile
+          # quantized weights or cache change answers; absent when not used, so earlier runs still resume
+          **{k: v for k, v in model_kwargs(args).items() if v not in (None, "", "auto")}}
     if sampling.do_sample:  # the slot engine seeds each record by its row; static batches draw per batch
         fp["engine"] = "slots" if getattr(args, "slots", 0) else "static"
     return json.loads(json.dumps(fp))  # as it reads back from the file (tuples become lists)
