@@ -1,6 +1,7 @@
 """InternVL3-38B and 78B with int8 and int4 weights: the smallest TPU slice (v5e, v6e, v5p) and GPU count (H100, H200)
-that holds each, batch 1 at 8k context, beside bfloat16. TPU rows are compiled for the topology on this machine
-(libtpu, compile only: `compiled.compiled_plan` with `quant`), GPU rows are the analytic planner against HBM.
+that holds each, batch 1 at 8k context (bfloat16: benchmarks/tpu_table.py, the same settings). TPU rows are compiled
+for the topology on this machine (libtpu, compile only: `compiled.compiled_plan` with `quant`), GPU rows are the
+analytic planner against HBM.
 
     PYTHONPATH=$PWD python -m benchmarks.quant_table --out docs/benchmarks/quant-table.json
 
@@ -24,7 +25,7 @@ PRESETS, SCHEMES, BATCH = ("38B", "78B"), ("int8", "int4"), 1
 GPUS, GPU_COUNTS = ("h100", "h200"), (1, 2, 4, 8)
 
 
-def tpu_fit(name: str, generation: str, quant: str) -> dict:
+def tpu_fit(name: str, generation: str, quant: str | None) -> dict:
     config = preset(name)
     for grid in SLICES[generation]:
         mesh = mesh_for(config, chips_of(grid), BATCH)
@@ -43,7 +44,7 @@ def tpu_fit(name: str, generation: str, quant: str) -> dict:
     return {"preset": name, "target": f"tpu:{generation}", "quantize": quant, "fits": False}
 
 
-def gpu_fit(name: str, chip: str, quant: str) -> dict:
+def gpu_fit(name: str, chip: str, quant: str | None) -> dict:
     config = preset(name)
     for n in GPU_COUNTS:
         mesh = mesh_for(config, n, BATCH)
@@ -72,13 +73,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/quant-table.json"))
     p.add_argument("--generations", default=",".join(SLICES))
+    p.add_argument("--schemes", default=",".join(("bfloat16", *SCHEMES)))
     args = p.parse_args()
     rows = []
     for name in PRESETS:
-        for quant in ("", *SCHEMES):
-            some = [tpu_fit(name, g, quant) for g in args.generations.split(",")]
-            some += [gpu_fit(name, chip, quant) for chip in GPUS]
-            rows += [r | {"quantize": quant or "bfloat16"} for r in some]
+        for quant in args.schemes.split(","):
+            q = None if quant == "bfloat16" else quant  # bfloat16: the GPU rows (its TPU rows: tpu_table.py)
+            some = [] if q is None else [tpu_fit(name, g, q) for g in args.generations.split(",")]
+            some += [gpu_fit(name, chip, q) for chip in GPUS]
+            rows += [r | {"quantize": quant} for r in some]
             print(table(rows[-len(some):]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"context": CONTEXT, "batch": BATCH, "rows": rows}, indent=1))
