@@ -149,6 +149,8 @@ def test_bad_quantization_inputs(tmp_path, tiny_hf, capsys):
     for option, value in (("--quantize", "int3"), ("--kv-cache-dtype", "fp8")):
         assert cli_main(["generate", "--model", str(tiny_hf), "hi", option, value]) == 2
         assert f"{option} {value!r}".replace("--", "") in _one_error_line(capsys).replace("--", "")
+    assert cli_main(["plan", "--preset", "1B", "--quantize", "int3"]) == 2
+    assert "quantize 'int3'" in _one_error_line(capsys)
 
 
 def test_int8_kv_cache_layout():
