@@ -52,7 +52,8 @@ _CONVERT = _PRELUDE + """
 from convert import convert
 after_imports = hwm_mb()
 t = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=False)
+convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=sys.argv[4] if len(sys.argv) > 4 else None,
+        progress=False)
 print(json.dumps({"hwm_mb": hwm_mb(), "imports_mb": after_imports, "seconds": time.perf_counter() - t}))
 """
 
@@ -91,10 +92,10 @@ def main() -> None:
     print(f"made {src} ({_size(src):.2f} GB) in {time.perf_counter() - t:.0f} s, peak {made['hwm_mb']:.0f} MB",
           file=sys.stderr)
     rows = []
-    for dtype in ("float32", "bfloat16"):
-        dst = work / f"converted_{dtype}"
-        r = _run(_CONVERT, str(src), str(dst), dtype)
-        rows.append((f"convert to {dtype}", r, _size(dst)))
+    for dtype, *quantize in (("float32",), ("bfloat16",), ("bfloat16", "int8"), ("bfloat16", "int4")):
+        dst = work / f"converted_{dtype}{''.join(quantize)}"
+        r = _run(_CONVERT, str(src), str(dst), dtype, *quantize)
+        rows.append((f"convert to {dtype}{''.join(f' --quantize {q}' for q in quantize)}", r, _size(dst)))
         print(rows[-1], file=sys.stderr)
     rows.append(("InternVL.from_pretrained(source safetensors), for comparison", _run(_LOAD, str(src)), None))
     rows.append(("InternVL.from_pretrained(converted float32), for comparison",

@@ -28,6 +28,8 @@ def _convert_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (written to a temporary sibling, renamed when complete)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16"),
                    help="parameter dtype to store (default: auto, the checkpoint's own)")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}", help="store the weights quantized: int8 per "
+                   "output channel or int4 in groups of 128 along the input (default: float)")
     p.add_argument("--layout", default="auto", choices=("auto", "hf", "original"),
                    help="source key layout (default: detected from the tensor names)")
     p.add_argument("--mesh", default=None, help='device mesh used while writing, e.g. "tensor=4" (default: all '
@@ -74,7 +76,7 @@ def convert_main(argv: Sequence[str] | None = None, prog: str = "python -m conve
     from convert.core import convert
 
     status = run_command(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                         mesh=args.mesh, progress=not args.quiet)
+                         mesh=args.mesh, progress=not args.quiet, quantize=args.quantize)
     if status == 0:
         print(f"wrote {args.dst}", file=sys.stderr)
     return status

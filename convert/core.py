@@ -14,7 +14,7 @@ import jax
 from jax.sharding import Mesh
 
 from convert.progress import Progress
-from internvl_jax import weights
+from internvl_jax import quant, weights
 from internvl_jax.checkpoint import ParamWriter, atomic_directory, copy_sidecar_files, write_manifest
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.params import abstract_params
@@ -32,13 +32,16 @@ DEFAULT_MESH = "fsdp=-1"
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str = "auto", layout: str = "auto", force: bool = False,
-            mesh: Mesh | str | None = None, progress: bool = True) -> Path:
+            mesh: Mesh | str | None = None, progress: bool = True, quantize: str | None = None) -> Path:
     """Convert the checkpoint directory `src` into `dst` (see `internvl_jax.checkpoint` for what it holds).
 
     dtype: auto (the checkpoint's own) | bfloat16 | float32 | float16. layout: auto | hf | original.
     mesh: where the parameters are placed while they are written (a Mesh or a spec like "tensor=4");
-    the result restores onto any mesh. Returns `dst`.
+    the result restores onto any mesh. quantize: int8 | int4 (`internvl_jax.quant`): each weight is quantized
+    as soon as it is read and written quantized; dtype is then the scales' (and unquantized parameters') dtype.
+    Returns `dst`.
     """
+    quantize = quant.check_scheme(quantize)
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
@@ -51,29 +54,34 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "auto", layout: st
     config = source.config  # its own lm_head, when the checkpoint has one
     _check_config_round_trip(config, src)
     target = _AUTO.get(source.source_dtype(), "float32") if dtype == "auto" else dtype
-    abstract: dict[str, jax.ShapeDtypeStruct] = weights.flatten_paths(abstract_params(config, target))
-    source.check_keys({p: tuple(s.shape) for p, s in abstract.items()})
+    abstract: dict[str, jax.ShapeDtypeStruct] = weights.flatten_paths(abstract_params(config, target, quant=quantize))
+    floats = quant.float_specs(abstract)  # what is read: every weight in float, quantized once read
+    source.check_keys({p: tuple(s.shape) for p, s in floats.items()})
     mesh = mesh if isinstance(mesh, Mesh) else parse_mesh(mesh)
-    shardings = param_shardings(config, mesh, target)
+    shardings = param_shardings(config, mesh, target, quantize)
 
-    total_bytes = sum(source.nbytes(p, s.shape) for p, s in abstract.items())
-    total_tensors = sum(s.shape[0] if weights.mapping(p).stacked else 1 for p, s in abstract.items())
+    total_bytes = sum(source.nbytes(p, s.shape) for p, s in floats.items())
+    total_tensors = sum(s.shape[0] if weights.mapping(p).stacked else 1 for p, s in floats.items())
     log.info("converting %s (%s layout, %d tensors, %.2f GB) to %s in %s", src, source.layout, total_tensors,
              total_bytes / 1e9, dst, target)
     with atomic_directory(dst, force, protect=(src,)) as tmp:
         writer = ParamWriter(tmp)
-        with Progress(total_bytes, total_tensors, len(abstract), enabled=progress) as bar:
-            for path, spec in abstract.items():
+        with Progress(total_bytes, total_tensors, len(floats), enabled=progress) as bar:
+            for path, spec in floats.items():
                 array = source.read_param(path, spec, shardings[path], bar.read)
-                writer.save(path, array)
+                written = quant.quantize_param(path, array, abstract, shardings)  # {path: array} unless quantized
+                for name, stored in written.items():
+                    writer.save(name, stored)
                 # Freed now, not whenever the last reference goes: at most one parameter is alive at a time.
-                array.delete()
-                del array
+                for stored in {id(a): a for a in (array, *written.values())}.values():
+                    stored.delete()
+                del array, stored, written
                 _return_freed_memory()
                 bar.param_done()
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         copied = copy_sidecar_files(src, tmp)
-        write_manifest(tmp, abstract, dtype=target,
+        scheme = {"quantization": {"scheme": quantize, "version": quant.VERSION}} if quantize else {}
+        write_manifest(tmp, abstract, dtype=target, **scheme,
                        source={"path": str(src.absolute()), "layout": source.layout, "bytes": total_bytes,
                                "files": copied})
     return Path(dst)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import tempfile
@@ -78,16 +79,19 @@ def measured_flops(dtype: str, n: int = 2048) -> float:
 
 
 # ----- workload -----
-def decoder_bytes_per_step(config, dtype: str) -> int:
-    """Weights a decode step reads: every decoder layer, the final norm and the lm_head (not the embedding)."""
+def decoder_bytes_per_step(config, dtype: str, quant: str | None = None) -> int:
+    """Weights a decode step reads: every decoder layer, the final norm and the lm_head (not the embedding);
+    `quant`: stored quantized (values and scales)."""
     from internvl_jax.model.params import abstract_params
+    from internvl_jax.quant import SCALE, nbytes
     from internvl_jax.weights import flatten_paths
 
-    flat = flatten_paths(abstract_params(config, dtype))
-    used = [s for p, s in flat.items() if p.startswith("text/") and p != "text/embedding"]
+    flat = flatten_paths(abstract_params(config, dtype, quant=quant))
+    table = ("text/embedding", "text/embedding" + SCALE)
+    used = [s for p, s in flat.items() if p.startswith("text/") and p not in table]
     if config.tie_word_embeddings:
-        used.append(flat["text/embedding"])
-    return sum(math.prod(s.shape) * jnp.dtype(dtype).itemsize for s in used)
+        used += [flat[p] for p in table if p in flat]
+    return sum(nbytes(s.shape, s.dtype) for s in used)
 
 
 def vision_flops_per_tile(config) -> float:
@@ -188,7 +192,7 @@ class Torch:
 
 
 def measure(engines: Sequence[Any], config, batches: Sequence[int], new: int, repeat: int,
-            bandwidth: Bandwidth) -> tuple[dict[str, dict[str, Any]], list[float]]:
+            bandwidth: Bandwidth, quant: str | None = None) -> tuple[dict[str, dict[str, Any]], list[float]]:
     """Every figure in rounds that alternate the engines (the machine drifts; both see the same drift): the
     figures of each engine by name, and the bandwidth samples (bytes/s) taken beside the batch-1 rounds.
 
@@ -200,7 +204,7 @@ def measure(engines: Sequence[Any], config, batches: Sequence[int], new: int, re
     for e in engines:  # the first call of each engine: compilation included for ours
         res[e.name]["ttft_cold_s"] = _time(lambda e=e: e.prefill(ids1, px1))
         e.vision(px1)
-    step_bytes = decoder_bytes_per_step(config, jnp.dtype(bandwidth.w.dtype).name)
+    step_bytes = decoder_bytes_per_step(config, jnp.dtype(bandwidth.w.dtype).name, quant)
     ttft, vision = defaultdict(list), defaultdict(list)
     for _ in range(repeat):
         for e in engines:
@@ -278,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
     bandwidth, flops = Bandwidth(args.dtype, BANDWIDTH_BYTES), measured_flops(args.dtype)
     t0 = time.perf_counter()
-    model = InternVL.from_config(config, dtype=args.dtype, seed=0)
+    model = InternVL.from_config(config, dtype=args.dtype, seed=0, quantize=args.quantize)
     jax.block_until_ready(model.params)
     engines: list[Any] = [Ours(model)]
     tmp = None
@@ -288,16 +292,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp = tempfile.TemporaryDirectory()
         export_model(model, Path(tmp.name) / "ckpt")
         engines.append(Torch(Path(tmp.name) / "ckpt", args.dtype))
-    results, samples = measure(engines, config, args.batch, args.new_tokens, args.repeat, bandwidth)
+    results, samples = measure(engines, config, args.batch, args.new_tokens, args.repeat, bandwidth, args.quantize)
     samples = samples or [bandwidth.sample()]
-    bound = max(samples) / decoder_bytes_per_step(config, args.dtype)
+    bound = max(samples) / decoder_bytes_per_step(config, args.dtype, args.quantize)
     vision_ideal = flops / vision_flops_per_tile(config)
     prefill_tokens = config.image_seq_length + TEXT_TOKENS + 4
     prefill_ideal = (decoder_flops(config, prefill_tokens) + vision_flops_per_tile(config)) / flops
     for r in results.values():
         r["vision_fraction_of_flops"] = r["vision_tiles_per_s"] / vision_ideal
         r["prefill_fraction_of_flops"] = prefill_ideal / r["prefill_s"]
-    report = {"preset": args.preset, "dtype": args.dtype, "layers": config.text.num_layers, "machine": machine,
+    report = {"preset": args.preset, "dtype": args.dtype, "quantize": args.quantize, "load_average": os.getloadavg(),
+              "layers": config.text.num_layers, "machine": machine,
               "measured_bandwidth_GBps": max(samples) / 1e9,
               "bandwidth_samples_GBps": [x / 1e9 for x in samples], "measured_matmul_TFLOPs": flops / 1e12,
               "decode_bound_tokens_per_s_b1": bound, "setup_s": time.perf_counter() - t0, "results": results,
@@ -333,7 +338,8 @@ def table(report: dict[str, Any]) -> str:
              ("peak device memory (GiB)", lambda r: "n/a (CPU)" if r["peak_device_bytes"] is None
               else f"{r['peak_device_bytes'] / 2**30:.1f}")]
     bw = f"{min(report['bandwidth_samples_GBps']):.1f}-{report['measured_bandwidth_GBps']:.1f} GB/s"
-    lines = [f"{report['preset']} {report['dtype']} ({report['layers']} decoder layers) on "
+    weights = f" weights {report['quantize']}" if report.get("quantize") else ""
+    lines = [f"{report['preset']} {report['dtype']}{weights} ({report['layers']} decoder layers) on "
              f"{report['machine']['processor']}, {len(report['machine']['devices'])} device(s); measured {bw}, "
              f"{report['measured_matmul_TFLOPs'] * 1e3:.0f} GFLOP/s; decode bound "
              f"{report['decode_bound_tokens_per_s_b1']:.1f} tok/s at batch 1 (at the highest bandwidth)",
@@ -356,6 +362,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="family shape (random weights), e.g. 1B, 8B, or a checkpoint directory (its config only)")
     p.add_argument("--dtype", help="float32 or bfloat16 (default: the backend's, model.params.default_dtype: "
                    "bfloat16 on GPU and TPU, float32 on CPU, the fast path there)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weights stored quantized")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32], help="decode batch sizes")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per batch size")
     p.add_argument("--repeat", type=int, default=3, help="rounds per figure (each alternates the engines)")

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from internvl_jax import weights
+from internvl_jax import quant, weights
 from internvl_jax.interrupts import HOST, alive, held
 from internvl_jax.safetensors_io import CheckpointError
 
@@ -76,6 +76,30 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: format version {manifest['version']} is newer than this code reads "
                               f"({VERSION}); upgrade internvl_jax")
     return manifest
+
+
+def converted_quantization(directory: str | Path, asked: str | None) -> str:
+    """The quantization to load a converted directory with: the one it was written with (its manifest's
+    `quantization`: scheme and format version), or `asked` for a float one (quantized while it loads). An unknown
+    scheme, another format version, or `asked` differing from a quantized checkpoint's scheme is refused by name."""
+    file = Path(directory) / MANIFEST
+    q = read_manifest(directory).get("quantization")
+    asked = quant.check_scheme(asked)
+    if q is None:
+        return asked
+    scheme, version = (q.get("scheme"), q.get("version")) if isinstance(q, dict) else (q, None)
+    if scheme not in quant.SCHEMES:
+        raise CheckpointError(f"{file}: quantization scheme {scheme!r} is not one this code reads "
+                              f"({', '.join(quant.SCHEMES)})")
+    if version != quant.VERSION:
+        older = isinstance(version, int) and version < quant.VERSION
+        raise CheckpointError(f"{file}: quantized format version {version!r} is {'older' if older else 'not'} "
+                              f"{'than ' if older else ''}the one this code reads ({quant.VERSION}); convert the float "
+                              "checkpoint again with --quantize")
+    if asked and asked != scheme:
+        raise CheckpointError(f"{file}: the checkpoint is quantized {scheme}; quantize={asked!r} cannot be honoured "
+                              f"(requantizing loses accuracy): convert the float checkpoint with --quantize {asked}")
+    return scheme
 
 
 def write_manifest(directory: Path, params: dict[str, jax.ShapeDtypeStruct], **extra: Any) -> None:
@@ -161,8 +185,12 @@ def restore_params(directory: str | Path, abstract: dict, shardings: dict[str, j
     """The parameter tree of a converted directory, each array restored straight into its sharding."""
     reader = ParamReader(directory)
     flat = weights.flatten_paths(abstract)
-    reader.check(flat)
-    out = {p: reader.restore(p, spec, shardings.get(p) if shardings else None) for p, spec in flat.items()}
+    stored = flat if reader.manifest.get("quantization") else quant.float_specs(flat)  # float: quantized on loading
+    reader.check(stored)
+    out: dict[str, jax.Array] = {}
+    for p, spec in stored.items():
+        array = reader.restore(p, spec, shardings.get(p) if shardings else None)
+        out.update(quant.quantize_param(p, array, flat, shardings) if stored is not flat else {p: array})
     return weights.unflatten_paths(out)
 
 

@@ -10,7 +10,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import (
+    add_generation_arguments,
+    check_generation_arguments,
+    generation_kwargs,
+    model_kwargs,
+)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from internvl_jax.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)
-    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh, **model_kwargs(args))
     processor = InternVLProcessor.from_pretrained(directory)
     t1 = time.perf_counter()
     template_kwargs = {"num_frames": args.num_frames} if args.num_frames is not None else {}
@@ -107,6 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from internvl_jax.model.params import default_dtype, precision, precision_line
     from internvl_jax.planner import parse_bytes, plan
+    from internvl_jax.quant import check_scheme
     from internvl_jax.sharding import parse_mesh_spec
     from internvl_jax.targets import parse_target
 
@@ -118,14 +124,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes = parse_mesh_spec(args.mesh)
     mesh = {a: n for a, n in sizes.items() if n != 1}
     memory = parse_bytes(args.device_memory) if args.device_memory else (target.chip.hbm if target.chip else None)
-    header = (f"{args.preset} {args.dtype}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} tokens, "
-              f"{args.tiles} tiles")
+    quant = check_scheme(args.quantize)
+    weights = f" weights {quant}" if quant else ""
+    header = (f"{args.preset} {args.dtype}{weights}, mesh {mesh or '{single device}'}, batch {args.batch} x {args.seq} "
+              f"tokens, {args.tiles} tiles")
     if target.topology is not None:
         return _compiled_plan(args, config, target, sizes, header)
-    result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory)
+    result = plan(config, mesh, args.batch, args.seq, args.tiles, args.dtype, memory, quant)
     if args.json:
         print(json.dumps({"target": target.label, "mesh": mesh, "batch": args.batch, "context": args.seq,
-                          "tiles": args.tiles, "dtype": args.dtype, "per_device_bytes": {
+                          "tiles": args.tiles, "dtype": args.dtype, "quantize": quant or None, "per_device_bytes": {
                               "weights": result.weights, "kv_cache": result.cache,
                               "activations_estimate": result.activations, "total": result.total},
                           "device_memory": result.device_memory, "fits": result.fits,
@@ -144,7 +152,7 @@ def _compiled_plan(args: argparse.Namespace, config, target, sizes: dict[str, in
     from internvl_jax.planner import plan
 
     plan(config, {}, args.batch, args.seq, args.tiles, args.dtype)  # the same checks of batch, length, tiles
-    result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype)
+    result = compiled_plan(config, target, sizes, args.batch, args.seq, args.tiles, args.dtype, args.quantize)
     # The compiled programs trace the pure-JAX attention: a Pallas call is not split by XLA over a mesh (the
     # kernels are compiled alone in tests/test_kernels.py; docs/kernels.md).
     prec = {**precision(args.dtype, target.kind), "attention": "reference"}
@@ -225,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", help="weight and activation dtype: bfloat16 or float32 (default: the target's, "
                    "bfloat16 on TPU and GPU, float32 on cpu)")
     p.add_argument("--device-memory", help="e.g. 80GB: also say whether it fits")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}", help="weights stored int8 or int4 (with "
+                   "their scales): count their bytes")
     p.add_argument("--target", default="cpu", help="cpu (analytic plan), tpu:GENERATION:GRID (compiled for that "
                    "topology, e.g. tpu:v5p:2x2x2; needs the tpu extra), gpu:CHIPxCOUNT (compiled, e.g. gpu:h100x8; "
                    "needs the gpu-plan extra) or h100/h200 (analytic, their HBM)")

@@ -25,6 +25,15 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed for --do-sample (default 0)")
     p.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on GPU and TPU, float32 on CPU, where it "
                    "is the fast path)")
+    p.add_argument("--quantize", default=None, metavar="{int8,int4}",
+                   help="quantize the weights while loading (a checkpoint converted with --quantize loads quantized)")
+    p.add_argument("--kv-cache-dtype", default=None, metavar="{auto,int8}",
+                   help="int8: keep keys and values in int8, one scale per token and KV head (default: --dtype)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`InternVL.from_pretrained` keyword arguments of the model options (--quantize, --kv-cache-dtype)."""
+    return {"quantize": getattr(args, "quantize", None), "kv_cache_dtype": getattr(args, "kv_cache_dtype", None)}
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -36,11 +45,17 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     """Refuse bad generation options before any model loads, naming the option. `SamplingConfig.check` decides
     what is valid; its messages start with the field name."""
     from internvl_jax.engine.sampling import SamplingConfig
-    from internvl_jax.model.params import as_dtype
+    from internvl_jax.model.params import as_dtype, check_kv_cache
+    from internvl_jax.quant import check_scheme
 
     if getattr(args, "dtype", None) is not None:  # unset: the backend's, decided when the model loads (asking jax
         args.dtype = as_dtype(args.dtype).name  # for it here would start its backend before jax.distributed)
 
+    try:
+        check_scheme(getattr(args, "quantize", None))
+        check_kv_cache(getattr(args, "kv_cache_dtype", None))
+    except ValueError as exc:
+        raise ValueError(f"--{str(exc).replace('_', '-')}") from None
     for key in POSITIVE_ARGS:
         value = getattr(args, key, None)
         if value is not None and value < 1:

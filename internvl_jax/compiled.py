@@ -36,6 +36,8 @@ from internvl_jax.engine.step import step_mask
 from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.params import abstract_params, as_dtype, module_for
+from internvl_jax.quant import SCALE, check_scheme
+from internvl_jax.quant import nbytes as quant_nbytes
 from internvl_jax.sharding import MESH_AXES, batch_sharding, cache_shardings, param_shardings
 from internvl_jax.targets import GPU_SPECS, GiB, Target
 from internvl_jax.weights import flatten_paths, unflatten_paths
@@ -169,10 +171,10 @@ def _on(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def abstract_params_on(config: InternVLConfig, mesh: Mesh, dtype: str) -> Params:
-    """The parameter tree as ShapeDtypeStructs carrying their shardings on `mesh`."""
-    flat = flatten_paths(abstract_params(config, dtype))
-    shard = param_shardings(config, mesh, dtype)
+def abstract_params_on(config: InternVLConfig, mesh: Mesh, dtype: str, quant: str | None = None) -> Params:
+    """The parameter tree as ShapeDtypeStructs carrying their shardings on `mesh` (`quant`: stored quantized)."""
+    flat = flatten_paths(abstract_params(config, dtype, quant=quant))
+    shard = param_shardings(config, mesh, dtype, quant)
     return unflatten_paths({p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard[p]) for p, s in flat.items()})
 
 
@@ -188,7 +190,7 @@ def _rows(mesh: Mesh, shape: tuple[int, ...], dt: Any) -> jax.ShapeDtypeStruct:
 
 def per_chip_bytes(a: jax.ShapeDtypeStruct) -> int:
     """Bytes one chip holds of an abstract array with a NamedSharding."""
-    return math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+    return quant_nbytes(a.sharding.shard_shape(a.shape), a.dtype)
 
 
 def bytes_of(tree: Any) -> int:
@@ -196,12 +198,13 @@ def bytes_of(tree: Any) -> int:
     return sum(per_chip_bytes(a) for a in jax.tree.leaves(tree))
 
 
-def decode_step(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtype: str) -> jax.stages.Lowered:
+def decode_step(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtype: str, quant: str | None = None
+                ) -> jax.stages.Lowered:
     """One decode step of the language model (embed, every layer, the head) for `batch` rows and a cache of
-    `slots`, compiled for `mesh`; the cache is donated, as in the decode loop."""
+    `slots`, compiled for `mesh`; the cache is donated, as in the decode loop. `quant`: quantized weights."""
     d = as_dtype(dtype)
-    dec = Decoder(config.text, config.tie_word_embeddings, d, d)
-    text = abstract_params_on(config, mesh, dtype)["text"]
+    dec = Decoder(config.text, config.tie_word_embeddings, d, d, check_scheme(quant))
+    text = abstract_params_on(config, mesh, dtype, quant)["text"]
     cache = abstract_cache_on(config, mesh, batch, slots, dtype)
     arg = functools.partial(_rows, mesh)
 
@@ -289,15 +292,16 @@ class DecodeBytes:
         return sum(c >= self.layer_cache for c in self.copies)
 
 
-def decode_bytes(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtype: str = "bfloat16"
-                 ) -> DecodeBytes:
+def decode_bytes(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtype: str = "bfloat16",
+                 quant: str | None = None) -> DecodeBytes:
     """Compile one decode step for `mesh` and report its bytes per chip."""
-    program, step = Program.compile("decode step", lambda: decode_step(config, mesh, batch, slots, dtype))
+    program, step = Program.compile("decode step", lambda: decode_step(config, mesh, batch, slots, dtype, quant))
     if step is None:
         raise TargetError(f"the decode step alone needs {program.temp / GiB:.1f} GiB of temporaries per chip: it does "
                           "not fit; lower the batch or the context, or use more chips")
-    text = flatten_paths(abstract_params_on(config, mesh, dtype)["text"])
-    table = set() if config.tie_word_embeddings else {"text/embedding"}  # only `batch` rows of it are read
+    text = flatten_paths(abstract_params_on(config, mesh, dtype, quant)["text"])
+    # only `batch` rows of it are read
+    table = set() if config.tie_word_embeddings else {"text/embedding", "text/embedding" + SCALE}
     cache = abstract_cache_on(config, mesh, batch, slots, dtype)
     cache_bytes = per_chip_bytes(cache.k) + per_chip_bytes(cache.v)
     return DecodeBytes(accessed=program.accessed,
@@ -332,19 +336,20 @@ def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
 
 
 # ----- the compiled plan (`internvl-jax plan --target tpu:...`) -----
-def vision_program(config: InternVLConfig, mesh: Mesh, tiles: int, dtype: str) -> Program:
+def vision_program(config: InternVLConfig, mesh: Mesh, tiles: int, dtype: str, quant: str | None = None) -> Program:
     """The vision tower and projector on `tiles` tiles (split over the data axis)."""
-    module, v = module_for(config, dtype), config.vision
-    params = abstract_params_on(config, mesh, dtype)
+    module, v = module_for(config, dtype, quant), config.vision
+    params = abstract_params_on(config, mesh, dtype, quant)
     pixels = _rows(mesh, (tiles, v.num_channels, v.image_size, v.image_size), as_dtype(dtype))
     fn = jax.jit(lambda p, x: module.apply({"params": p}, x, method=InternVLModule.image_features))
     return Program.compile("vision", lambda: fn.lower(params, pixels))[0]
 
 
-def prefill_program(config: InternVLConfig, mesh: Mesh, batch: int, length: int, slots: int, dtype: str) -> Program:
+def prefill_program(config: InternVLConfig, mesh: Mesh, batch: int, length: int, slots: int, dtype: str,
+                    quant: str | None = None) -> Program:
     """The engine's own prefill program (`_prefill_fn`) on `batch` prompts of `length` tokens (text only)."""
-    module = module_for(config, dtype)
-    params = abstract_params_on(config, mesh, dtype)
+    module = module_for(config, dtype, quant)
+    params = abstract_params_on(config, mesh, dtype, quant)
     cache = abstract_cache_on(config, mesh, batch, slots, dtype)
     ids, pos = (_rows(mesh, (batch, length), jnp.int32) for _ in range(2))
     args = (params, ids, None, pos, _rows(mesh, (batch, slots), bool), cache, _rows(mesh, (batch, length), jnp.int32))
@@ -436,18 +441,19 @@ class CompiledPlan:
 
 
 def compiled_plan(config: InternVLConfig, target: Target, mesh_sizes: Mapping[str, int], batch: int, context: int,
-                  tiles: int, dtype: str = "bfloat16") -> CompiledPlan:
-    """Compile the vision tower (when `tiles`), the bucketed prefill and one decode step for a TPU or GPU target."""
+                  tiles: int, dtype: str = "bfloat16", quant: str | None = None) -> CompiledPlan:
+    """Compile the vision tower (when `tiles`), the bucketed prefill and one decode step for a TPU or GPU target;
+    `quant`: with the weights stored quantized."""
     mesh = target_mesh(target_devices(target), mesh_sizes, target.label)
     slots = bucket(context, 64)
     length = bucket(context, MIN_PROMPT_BUCKET)
     programs = []
     if tiles:
-        programs.append(vision_program(config, mesh, tiles, dtype))
-    programs.append(prefill_program(config, mesh, batch, length, slots, dtype))
-    step = decode_bytes(config, mesh, batch, slots, dtype)
+        programs.append(vision_program(config, mesh, tiles, dtype, quant))
+    programs.append(prefill_program(config, mesh, batch, length, slots, dtype, quant))
+    step = decode_bytes(config, mesh, batch, slots, dtype, quant)
     programs.append(step.program)
     return CompiledPlan(target, {a: n for a, n in mesh.shape.items()}, batch, context, tiles, dtype,
-                        weights=bytes_of(abstract_params_on(config, mesh, dtype)), cache=step.cache,
+                        weights=bytes_of(abstract_params_on(config, mesh, dtype, quant)), cache=step.cache,
                         decode_reads=step.weights + step.cache, programs=tuple(programs),
                         flops=analytic_flops(config, batch, length, tiles))

@@ -26,6 +26,7 @@ from internvl_jax.checkpoint import ParamReader, atomic_directory, copy_sidecar_
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.params import abstract_params
 from internvl_jax.planner import parse_bytes
+from internvl_jax.safetensors_io import CheckpointError
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 DEFAULT_SHARD = 5 * 1024**3
@@ -135,8 +136,15 @@ def export_params(config: InternVLConfig, abstract: dict[str, jax.ShapeDtypeStru
     return Path(dst)
 
 
+# -hf files hold float weights: integer values written there would be misread by transformers as the weights.
+_QUANTIZED = ("{what} is quantized {scheme}; -hf export writes float weights only: export the float checkpoint it "
+              "was made from")
+
+
 def export_model(model: Any, dst: str | Path, **kwargs: Any) -> Path:
     """An `InternVL` in memory (e.g. after fine-tuning) -> -hf safetensors at `dst`."""
+    if model.module.quant:
+        raise ValueError(_QUANTIZED.format(what="the model", scheme=model.module.quant))
     flat = weights.flatten_paths(model.params)
     abstract = {p: jax.ShapeDtypeStruct(a.shape, a.dtype) for p, a in flat.items()}
     return export_params(model.config, abstract, lambda p: _LayerView(flat[p]), dst, **kwargs)
@@ -146,6 +154,8 @@ def export_converted(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
     """A converted directory (`python -m convert`) -> -hf safetensors, one parameter in memory at a time."""
     src = Path(src)
     reader = ParamReader(src)
+    if (q := reader.manifest.get("quantization")) is not None:
+        raise CheckpointError(_QUANTIZED.format(what=src, scheme=q.get("scheme") if isinstance(q, dict) else q))
     config = InternVLConfig.from_pretrained(src)
     abstract = weights.flatten_paths(abstract_params(config, reader.manifest.get("dtype", "float32")))
     reader.check(abstract)

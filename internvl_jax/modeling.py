@@ -26,6 +26,7 @@ from internvl_jax.model.attention import KeyMask
 from internvl_jax.model.internvl import InternVLModule
 from internvl_jax.model.layers import HIDDEN
 from internvl_jax.model.params import DTypeLike, Params, abstract_params, as_dtype, module_for, random_params
+from internvl_jax.quant import check_scheme
 from internvl_jax.rules import constrain, spec_for
 from internvl_jax.sharding import batch_sharding, param_shardings
 from internvl_jax.source import Source, load_params
@@ -37,10 +38,13 @@ class InternVL:
     `dtype` of weights and activations: None is the backend's default (`params.default_dtype`: bfloat16 on GPU and
     TPU, float32 on CPU)."""
 
-    def __init__(self, config: InternVLConfig, params: Params, dtype: DTypeLike | None = None):
+    def __init__(self, config: InternVLConfig, params: Params, dtype: DTypeLike | None = None,
+                 quantize: str | None = None, kv_cache_dtype: str | None = None):
+        """`params` as `abstract_params(config, dtype, quant=quantize)` lays them out; `kv_cache_dtype="int8"`:
+        generation keeps keys and values in int8 (one scale per token and KV head)."""
         self.config = config
         self.dtype = as_dtype(dtype)
-        self.module = module_for(config, self.dtype)
+        self.module = module_for(config, self.dtype, quantize, kv_cache_dtype)
         self.params = params
         self.generation_config = SamplingConfig()
         self.mesh: jax.sharding.Mesh | None = None  # set when the parameters are laid out on a mesh
@@ -52,30 +56,37 @@ class InternVL:
         return abstract_params(config, dtype, boxed)
 
     @classmethod
-    def from_config(cls, config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0) -> InternVL:
-        """Random weights of the configured shape (tests, benchmarks, family presets)."""
+    def from_config(cls, config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0,
+                    quantize: str | None = None, kv_cache_dtype: str | None = None) -> InternVL:
+        """Random weights of the configured shape (tests, benchmarks, family presets); `quantize`: the same
+        weights quantized."""
         dtype = as_dtype(dtype)
-        return cls(config, random_params(config, dtype, seed), dtype)
+        return cls(config, random_params(config, dtype, seed, quantize), dtype, quantize, kv_cache_dtype)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: DTypeLike | None = None, mesh: jax.sharding.Mesh | None = None
-                        ) -> InternVL:
+    def from_pretrained(cls, path: str | Path, dtype: DTypeLike | None = None, mesh: jax.sharding.Mesh | None = None,
+                        quantize: str | None = None, kv_cache_dtype: str | None = None) -> InternVL:
         """Load a checkpoint directory (or a hub id, downloaded when online): `-hf` safetensors, the original
         OpenGVLab layout, or a directory written by the converter (`python -m convert`); each parameter is read
-        straight into its sharding on `mesh`."""
+        straight into its sharding on `mesh`. `quantize="int8"|"int4"`: each weight is quantized as it is read
+        (`internvl_jax.quant`); a checkpoint converted with `--quantize` loads quantized as it was written.
+        `kv_cache_dtype="int8"`: an int8 KV cache in generation."""
         directory = resolve(path)
         dtype = as_dtype(dtype)
         config = InternVLConfig.from_pretrained(directory)
         source = None if checkpoint.is_converted(directory) else Source(directory, config)
         if source is not None:
             config = source.config  # its own lm_head, when the checkpoint has one
-        abstract = weights.flatten_paths(abstract_params(config, dtype))
-        shardings = param_shardings(config, mesh, dtype) if mesh is not None else None
+        else:
+            quantize = checkpoint.converted_quantization(directory, quantize)
+        quantize = check_scheme(quantize)
+        abstract = weights.flatten_paths(abstract_params(config, dtype, quant=quantize))
+        shardings = param_shardings(config, mesh, dtype, quantize) if mesh is not None else None
         if source is None:
             params = checkpoint.restore_params(directory, abstract, shardings)
         else:
             params = load_params(source, abstract, shardings)
-        model = cls(config, weights.unflatten_paths(params), dtype)
+        model = cls(config, weights.unflatten_paths(params), dtype, quantize, kv_cache_dtype)
         model.generation_config = SamplingConfig.from_checkpoint(directory)
         model.mesh = mesh
         return model

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.decoder import KVCache
 from internvl_jax.model.params import abstract_params
+from internvl_jax.quant import nbytes
 from internvl_jax.sharding import logical_axes, parse_mesh_spec, shard_shape, spec_for
 from internvl_jax.weights import flatten_paths
 
@@ -55,12 +56,13 @@ def _sizes(mesh: Mapping[str, int]) -> dict[str, int]:
     return sizes
 
 
-def weight_bytes(config: InternVLConfig, mesh: Mapping[str, int], dtype: str = "bfloat16") -> int:
+def weight_bytes(config: InternVLConfig, mesh: Mapping[str, int], dtype: str = "bfloat16", quant: str | None = None
+                 ) -> int:
+    """Per-device bytes of the weights; `quant`: stored int8 / int4 (two values a byte) with their scales."""
     sizes = _sizes(mesh)
-    shapes = flatten_paths(abstract_params(config, dtype))
-    axes = logical_axes(config, dtype)
-    item = jnp.dtype(dtype).itemsize
-    return sum(math.prod(shard_shape(s.shape, spec_for(s.shape, axes[p], sizes), sizes)) * item
+    shapes = flatten_paths(abstract_params(config, dtype, quant=quant))
+    axes = logical_axes(config, dtype, quant)
+    return sum(nbytes(shard_shape(s.shape, spec_for(s.shape, axes[p], sizes), sizes), s.dtype)
                for p, s in shapes.items())
 
 
@@ -93,12 +95,13 @@ def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int
 
 
 def plan(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int = 0,
-         dtype: str = "bfloat16", device_memory: int | None = None) -> Plan:
-    """Per-device memory of serving `batch` sequences of `seq` tokens (prompt + new) with `tiles` tiles."""
+         dtype: str = "bfloat16", device_memory: int | None = None, quant: str | None = None) -> Plan:
+    """Per-device memory of serving `batch` sequences of `seq` tokens (prompt + new) with `tiles` tiles;
+    `quant`: the weights stored quantized."""
     for name, value, least in (("batch", batch, 1), ("seq", seq, 1), ("tiles", tiles, 0)):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
-    return Plan(weight_bytes(config, mesh, dtype), cache_bytes(config, mesh, batch, seq, dtype),
+    return Plan(weight_bytes(config, mesh, dtype, quant), cache_bytes(config, mesh, batch, seq, dtype),
                 activation_bytes(config, mesh, batch, seq, tiles, dtype), device_memory)
 
 

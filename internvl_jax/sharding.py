@@ -55,16 +55,19 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.De
     return Mesh(grid, MESH_AXES)
 
 
-def logical_axes(config: InternVLConfig, dtype: str = "float32") -> dict[str, tuple[str | None, ...]]:
-    """Our parameter path -> its logical axes (from the modules' declarations)."""
-    flat = flatten_paths(abstract_params(config, dtype, boxed=True))
+def logical_axes(config: InternVLConfig, dtype: str = "float32", quant: str | None = None
+                 ) -> dict[str, tuple[str | None, ...]]:
+    """Our parameter path -> its logical axes (from the modules' declarations; a quantized weight's scale has its
+    weight's axes)."""
+    flat = flatten_paths(abstract_params(config, dtype, boxed=True, quant=quant))
     return {p: tuple(v.names) if isinstance(v, nn.Partitioned) else (None,) * len(v.shape) for p, v in flat.items()}
 
 
-def param_shardings(config: InternVLConfig, mesh: Mesh, dtype: str = "float32") -> dict[str, NamedSharding]:
-    """Our parameter path -> NamedSharding on `mesh`."""
-    shapes = flatten_paths(abstract_params(config, dtype))
-    axes = logical_axes(config, dtype)
+def param_shardings(config: InternVLConfig, mesh: Mesh, dtype: str = "float32", quant: str | None = None
+                    ) -> dict[str, NamedSharding]:
+    """Our parameter path -> NamedSharding on `mesh` (`quant`: of the quantized tree)."""
+    shapes = flatten_paths(abstract_params(config, dtype, quant=quant))
+    axes = logical_axes(config, dtype, quant)
     return {p: NamedSharding(mesh, spec_for(shapes[p].shape, axes[p], mesh)) for p in shapes}
 
 
@@ -73,10 +76,15 @@ def cache_sharding(config: InternVLConfig, mesh: Mesh, batch: int, slots: int) -
     return NamedSharding(mesh, spec_for(KVCache.shape(config.text, batch, slots), KVCache.AXES, mesh))
 
 
-def cache_shardings(config: InternVLConfig, mesh: Mesh, batch: int, slots: int) -> KVCache:
-    """The whole cache's shardings (its slot counter is a replicated scalar)."""
+def cache_shardings(config: InternVLConfig, mesh: Mesh, batch: int, slots: int, dtype: object = None) -> KVCache:
+    """The whole cache's shardings (its slot counter is a replicated scalar; an int8 cache's scales split as its
+    keys, their size-1 last axis replicated)."""
     kv = cache_sharding(config, mesh, batch, slots)
-    return KVCache(kv, kv, NamedSharding(mesh, PartitionSpec()))
+    scale = None
+    if dtype is not None and np.dtype(dtype) == np.int8:
+        shape = (*KVCache.shape(config.text, batch, slots)[:-1], 1)
+        scale = NamedSharding(mesh, spec_for(shape, KVCache.AXES, mesh))
+    return KVCache(kv, kv, NamedSharding(mesh, PartitionSpec()), scale, scale)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

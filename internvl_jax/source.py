@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import weights
+from internvl_jax import quant, weights
 from internvl_jax.config import InternVLConfig
 from internvl_jax.safetensors_io import CheckpointError, SafetensorsDir, itemsize
 
@@ -263,7 +263,13 @@ def _layer_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def load_params(source: Source, abstract: dict[str, jax.ShapeDtypeStruct],
                 shardings: dict[str, jax.sharding.Sharding] | None = None) -> dict[str, jax.Array]:
     """Every parameter of the flat `abstract` tree, checked against the headers first, then read one at a time
-    into its sharding (default: this process's first device)."""
-    source.check_keys({p: tuple(s.shape) for p, s in abstract.items()})
+    into its sharding (default: this process's first device). A quantized `abstract` (`quant`): each weight is
+    quantized as soon as it is read, so the float model is never whole in memory."""
+    floats = quant.float_specs(abstract)
+    source.check_keys({p: tuple(s.shape) for p, s in floats.items()})
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
-    return {p: source.read_param(p, s, shardings[p] if shardings else default) for p, s in abstract.items()}
+    out: dict[str, jax.Array] = {}
+    for p, s in floats.items():
+        out.update(quant.quantize_param(p, source.read_param(p, s, shardings[p] if shardings else default), abstract,
+                                        shardings))
+    return out

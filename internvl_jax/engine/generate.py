@@ -283,7 +283,7 @@ def stream(module: InternVLModule, params: Params, inputs: ModelInputs, sampling
            ) -> Iterator[np.ndarray]:
     """Yield new tokens [b, n] as they are produced (chunks of `chunk` steps; all at once when None and no
     streamer is given). `inputs` are checked (`inputs.check_inputs`); `params` are laid out on `mesh` when given."""
-    cfg, dtype = module.cfg, module.param_dtype
+    cfg, dtype = module.cfg, module.cache_dtype
     lay = plan_layout(inputs.ids.shape[0], inputs.ids.shape[1],
                       0 if inputs.pixels is None else inputs.pixels.shape[0], sampling.max_new_tokens, mesh)
     prep = prepare(cfg, inputs, lay, sampling.pad_id, sampling.max_new_tokens)
@@ -297,7 +297,8 @@ def stream(module: InternVLModule, params: Params, inputs: ModelInputs, sampling
         return KVCache.zeros(cfg.text, total, lay.slots, dtype)
 
     # On a mesh the cache is allocated in place, already split as the rules table says.
-    cache = zeros() if mesh is None else jax.jit(zeros, out_shardings=cache_shardings(cfg, mesh, total, lay.slots))()
+    cache = zeros() if mesh is None else jax.jit(
+        zeros, out_shardings=cache_shardings(cfg, mesh, total, lay.slots, dtype))()
     pixels_dev = None if prep.pixels is None else put(prep.pixels)
     logits, cache = _prefill_fn(module)(params, put(prep.ids), pixels_dev, put(prep.positions), put(prep.kv_mask),
                                         cache, put(prep.feature_rows))

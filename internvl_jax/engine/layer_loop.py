@@ -112,6 +112,8 @@ def host_layers(module: InternVLModule, params: Params) -> Callable | None:
     the layer groups on views of the stacked weights, then the write of the new keys into the donated cache at
     `slot` (a scalar or one per row). None when views are not possible (use the on-device loop there)."""
     cfg = module.cfg.text
+    if module.quant or module.kv_cache:  # quantized weights or cache: the on-device loop (its layers know them)
+        return None
     views = layer_views(params["text"]["layers"], cfg.num_layers)
     if views is None:
         return None

@@ -267,7 +267,8 @@ class SlotEngine:
         self.room = min(self.cache_len, max_length(self.cfg))  # slots a request's prompt + answer may fill
         self.cache: KVCache | None = None
         self.state: SlotState | None = None
-        self.sharding = None if mesh is None else cache_shardings(self.cfg, mesh, slots, self.cache_len)
+        self.sharding = None if mesh is None else cache_shardings(self.cfg, mesh, slots, self.cache_len,
+                                                                   module.cache_dtype)
         self.busy = 0  # slots decoding or being prefilled (for progress reports)
 
     # -- validation: every problem becomes that request's error --
@@ -306,7 +307,7 @@ class SlotEngine:
     def _allocate(self) -> None:
         if self.cache is not None:
             return
-        r, v, dtype = self.slots, self.cfg.text.vocab_size, self.module.param_dtype
+        r, v, dtype = self.slots, self.cfg.text.vocab_size, self.module.cache_dtype
         check_cache_fits(self.cfg, r, self.cache_len, dtype)
         shape = KVCache.abstract(self.cfg.text, r, self.cache_len, dtype, per_row=True)
         if self.mesh is None:

@@ -57,6 +57,8 @@ class CachedKeys(NamedTuple):
     v: jax.Array
     layer: jax.Array  # int32 scalar
     rows: jax.Array | None  # [b] cache row of each query row; None: query row i reads cache row i
+    k_scale: jax.Array | None = None  # int8 cache: [layers, rows, slots, k, 1] float32 (`KVCache`)
+    v_scale: jax.Array | None = None
 
 
 class _Softmax(NamedTuple):
@@ -78,9 +80,12 @@ def _update(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax
     return _Softmax(m, st.l * keep + p.sum(axis=-1), st.acc * keep[..., None] + pv)
 
 
-def _read(cache: jax.Array, layer: jax.Array, rows: jax.Array | None, first: jax.Array, size: int, b: int
-          ) -> jax.Array:
-    """Slots [first, first + size) of `layer` for each of the b query rows: [b, size, k, h]."""
+def _read(cache: jax.Array, layer: jax.Array, rows: jax.Array | None, first: jax.Array, size: int, b: int,
+          scale: jax.Array | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Slots [first, first + size) of `layer` for each of the b query rows: [b, size, k, h]; an int8 cache's block
+    is dequantized with its `scale` (one per token and head) into `dtype`."""
+    if scale is not None:
+        return _read(cache, layer, rows, first, size, b) * _read(scale, layer, rows, first, size, b).astype(dtype)
     kh, h = cache.shape[3:]
     if rows is None:
         return jax.lax.dynamic_slice(cache, (layer, 0, first, 0, 0), (1, b, size, kh, h))[0]
@@ -104,6 +109,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: C
     `block`: the blockwise path's tile and the decode kernel's cache block (tests)."""
     b, t, kh, g, h = q.shape
     impl = kernels.choose(q.dtype, h, decode=cached is not None and t == 1)
+    if cached is not None and cached.k_scale is not None:
+        impl = "reference"  # an int8 cache: the kernels read keys as they are stored, only the blockwise path scales
     if impl == "pallas" and cached is None:
         from internvl_jax.kernels.pallas_tpu import flash
 
@@ -186,8 +193,8 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyMask, cached: C
         if cached is not None:
             def cache_block(j, st):
                 first = j * cblock
-                kb = _read(cached.k, cached.layer, cached.rows, first, cblock, b)
-                vb = _read(cached.v, cached.layer, cached.rows, first, cblock, b)
+                kb = _read(cached.k, cached.layer, cached.rows, first, cblock, b, cached.k_scale, q.dtype)
+                vb = _read(cached.v, cached.layer, cached.rows, first, cblock, b, cached.v_scale, q.dtype)
                 cols = first + jnp.arange(cblock)
                 seen = jax.lax.dynamic_slice_in_dim(mask.cached, first, cblock, axis=1)
                 visible = seen & (cols[None] < mask.start[:, None])

@@ -46,12 +46,19 @@ class InternVLModule(nn.Module):
     cfg: InternVLConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    quant: str = ""  # weight-only quantization: "int8" | "int4" (`internvl_jax.quant`)
+    kv_cache: str = ""  # "int8": the engines allocate an int8 KV cache (`KVCache`); "": the compute dtype
 
     def setup(self) -> None:
         c = self.cfg
-        self.vision = VisionTower(c.vision, c.vision_feature_layer, self.dtype, self.param_dtype)
-        self.projector = Projector(c, self.param_dtype)
-        self.text = Decoder(c.text, c.tie_word_embeddings, self.dtype, self.param_dtype)
+        self.vision = VisionTower(c.vision, c.vision_feature_layer, self.dtype, self.param_dtype, self.quant)
+        self.projector = Projector(c, self.param_dtype, self.quant)
+        self.text = Decoder(c.text, c.tie_word_embeddings, self.dtype, self.param_dtype, self.quant)
+
+    @property
+    def cache_dtype(self) -> jnp.dtype:
+        """The dtype of the KV cache the engines allocate for this module."""
+        return jnp.dtype(jnp.int8) if self.kv_cache == "int8" else jnp.dtype(self.param_dtype)
 
     def image_features(self, pixels: jax.Array) -> jax.Array:
         """[tiles, 3, H, W] -> [tiles, image_seq_length, text_hidden]."""

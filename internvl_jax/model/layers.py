@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from internvl_jax import quant
+
 Initializer = Callable[..., jax.Array]
 
 # The variable collection the modules `sow` their stage outputs into (vision embeddings and layers, projector,
@@ -27,6 +29,16 @@ def weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[st
     assert len(shape) == len(axes), (name, shape, axes)
     init = init or nn.initializers.normal(0.02)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def quantized_weight(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str | None],
+                     contract: Sequence[int], scheme: str, scale_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """A weight stored quantized (`internvl_jax.quant`): its integer values under `name` and their scale, with the
+    weight's logical axes, under `name + quant.SCALE`. `contract`: the axes a dot with it reduces over. Values are
+    zeros at init: quantized weights come from float ones (`quant.quantize_tree`), never from a random init."""
+    values = weight(module, name, shape, axes, nn.initializers.zeros, quant.storage_dtype(scheme))
+    sshape = quant.scale_shape(shape, contract, scheme, f"{module.name}/{name}")
+    return values, weight(module, name + quant.SCALE, sshape, axes, nn.initializers.ones, scale_dtype)
 
 
 # transformers' ACT2FN names that configs may use. Plain "gelu" is the exact erf form; "gelu_pytorch_tanh" and
@@ -90,12 +102,19 @@ class Dense(nn.Module):
     use_bias: bool = True
     n_in: int = 1  # how many trailing dims of x are contracted
     param_dtype: jnp.dtype = jnp.float32
+    quant: str = ""  # "int8" / "int4": the kernel is stored quantized (`quantized_weight`)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = weight(self, "kernel", (*in_shape, *self.out_shape), self.axes, dtype=self.param_dtype)
-        y = jnp.tensordot(x, kernel.astype(x.dtype), axes=self.n_in)
+        shape = (*in_shape, *self.out_shape)
+        if self.quant:
+            q, scale = quantized_weight(self, "kernel", shape, self.axes, range(self.n_in), self.quant,
+                                        self.param_dtype)
+            y = quant.dot(x, q, scale, self.n_in)
+        else:
+            kernel = weight(self, "kernel", shape, self.axes, dtype=self.param_dtype)
+            y = jnp.tensordot(x, kernel.astype(x.dtype), axes=self.n_in)
         if self.use_bias:
             bias = weight(self, "bias", self.out_shape, self.axes[self.n_in:], nn.initializers.zeros,
                           self.param_dtype)

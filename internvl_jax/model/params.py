@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from internvl_jax import quant as quantization
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model.internvl import InternVLModule
 
@@ -54,14 +55,31 @@ def as_dtype(dtype: DTypeLike | None) -> jnp.dtype:
     except TypeError as e:
         raise ValueError(f"dtype {dtype!r} is not a dtype name (float32, bfloat16, float16)") from e
     if d not in PARAM_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: parameters must be float32, bfloat16 or float16")
+        # int8 / int4 weights are a storage choice, not a compute dtype: `quantize` keeps the compute in float.
+        stored = d.name in quantization.SCHEMES
+        hint = f"; for {d.name} weights pass quantize={d.name!r} (--quantize {d.name})" if stored else ""
+        raise ValueError(f"dtype {dtype!r}: parameters must be float32, bfloat16 or float16{hint}")
     return d
 
 
-def module_for(config: InternVLConfig, dtype: DTypeLike | None = None) -> InternVLModule:
-    """The linen module computing (and holding parameters) in `dtype`."""
+def module_for(config: InternVLConfig, dtype: DTypeLike | None = None, quant: str | None = None,
+               kv_cache: str | None = None) -> InternVLModule:
+    """The linen module computing (and holding parameters) in `dtype`; `quant`: its weights stored "int8" or
+    "int4" (`internvl_jax.quant`); `kv_cache`: "int8" for an int8 KV cache."""
     d = as_dtype(dtype)
-    return InternVLModule(config, d, d)
+    return InternVLModule(config, d, d, quantization.check_scheme(quant), check_kv_cache(kv_cache))
+
+
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def check_kv_cache(kv_cache: str | None) -> str:
+    """'' (the compute dtype) or 'int8'; anything else refused by name."""
+    if kv_cache in (None, "", "auto"):
+        return ""
+    if kv_cache != "int8":
+        raise ValueError(f"kv_cache_dtype {kv_cache!r}: one of {', '.join(KV_CACHE_DTYPES)}")
+    return kv_cache
 
 
 def _init(module: InternVLModule, key: jax.Array) -> Params:
@@ -74,13 +92,26 @@ def _init(module: InternVLModule, key: jax.Array) -> Params:
     return module.init(key, ids, pixels, positions, mask, method=InternVLModule.init_all)["params"]
 
 
-def abstract_params(config: InternVLConfig, dtype: DTypeLike | None = None, boxed: bool = False) -> Params:
-    """Parameter tree of ShapeDtypeStructs (no allocation). `boxed` keeps the logical-axis metadata."""
-    tree = jax.eval_shape(lambda: _init(module_for(config, dtype), jax.random.PRNGKey(0)))
+def abstract_params(config: InternVLConfig, dtype: DTypeLike | None = None, boxed: bool = False,
+                    quant: str | None = None) -> Params:
+    """Parameter tree of ShapeDtypeStructs (no allocation). `boxed` keeps the logical-axis metadata; `quant`: the
+    tree of weights stored quantized (each quantized `p` with its scale at `p + quant.SCALE`)."""
+    tree = jax.eval_shape(lambda: _init(module_for(config, dtype, quant), jax.random.PRNGKey(0)))
     return tree if boxed else nn.unbox(tree)
 
 
-def random_params(config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0) -> Params:
-    """Random weights of the configured shape (tests, benchmarks, family presets, the demo checkpoint)."""
+def random_params(config: InternVLConfig, dtype: DTypeLike | None = None, seed: int = 0, quant: str | None = None
+                  ) -> Params:
+    """Random weights of the configured shape (tests, benchmarks, family presets, the demo checkpoint); with
+    `quant`, the same float weights quantized."""
     module = module_for(config, dtype)
-    return jax.jit(lambda key: nn.unbox(_init(module, key)))(jax.random.PRNGKey(seed))
+    params = jax.jit(lambda key: nn.unbox(_init(module, key)))(jax.random.PRNGKey(seed))
+    return quantize_params(config, params, dtype, quant) if quantization.check_scheme(quant) else params
+
+
+def quantize_params(config: InternVLConfig, params: Params, dtype: DTypeLike, quant: str) -> Params:
+    """Float parameters -> the quantized tree of `abstract_params(config, dtype, quant=quant)`."""
+    from internvl_jax.weights import flatten_paths, unflatten_paths  # weights imports nothing of the model
+
+    target = flatten_paths(abstract_params(config, dtype, quant=quant))
+    return unflatten_paths(quantization.quantize_tree(flatten_paths(params), target))

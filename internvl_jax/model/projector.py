@@ -28,14 +28,16 @@ class Projector(nn.Module):
 
     cfg: InternVLConfig
     param_dtype: jnp.dtype
+    quant: str = ""
 
     @nn.compact
     def __call__(self, features: jax.Array) -> jax.Array:
-        c, pd = self.cfg, self.param_dtype
+        c, pd, qz = self.cfg, self.param_dtype, self.quant
         y = LayerNorm(1e-5, "proj_in", pd, name="norm")(features)
-        y = Dense((c.text.hidden_size,), ("proj_in", "embed"), True, param_dtype=pd, name="fc1")(y)
+        y = Dense((c.text.hidden_size,), ("proj_in", "embed"), True, param_dtype=pd, quant=qz, name="fc1")(y)
         y = activation(c.projector_hidden_act)(y)
-        return Dense((c.text.hidden_size,), ("proj_hidden", "embed"), True, param_dtype=pd, name="fc2")(y)
+        return Dense((c.text.hidden_size,), ("proj_hidden", "embed"), True, param_dtype=pd, quant=qz,
+                     name="fc2")(y)
 
 
 def tokens_from_patches(hidden: jax.Array, cfg: InternVLConfig) -> jax.Array:

@@ -81,34 +81,37 @@ class VisionLayer(nn.Module):
     cfg: VisionConfig
     param_dtype: jnp.dtype
     num_run: int  # layers whose output counts (vision_feature_layer); later ones leave x unchanged
+    quant: str = ""  # weight-only quantization of the linear layers (`internvl_jax.quant`)
 
     @nn.compact
     def __call__(self, x: jax.Array, layer: jax.Array) -> tuple[jax.Array, None]:
         x_in = x
-        c, pd = self.cfg, self.param_dtype
+        c, pd, qz = self.cfg, self.param_dtype, self.quant
         h, k, d = c.num_heads, c.head_dim, c.hidden_size
         heads = ("vis_embed", "vis_heads", "head_dim")
 
         with jax.named_scope("attention"):
             y = norm(c.norm_type, c.layer_norm_eps, "vis_embed", pd, "norm1")(x)
-            q = Dense((h, k), heads, c.attention_bias, param_dtype=pd, name="q")(y)
-            kk = Dense((h, k), heads, c.attention_bias, param_dtype=pd, name="k")(y)
-            v = Dense((h, k), heads, c.attention_bias, param_dtype=pd, name="v")(y)
+            q = Dense((h, k), heads, c.attention_bias, param_dtype=pd, quant=qz, name="q")(y)
+            kk = Dense((h, k), heads, c.attention_bias, param_dtype=pd, quant=qz, name="k")(y)
+            v = Dense((h, k), heads, c.attention_bias, param_dtype=pd, quant=qz, name="v")(y)
             if c.use_qk_norm:  # RMSNorm over all heads jointly (width d), not per head.
                 q = RMSNorm(c.layer_norm_eps, "vis_qk", pd, name="q_norm")(q.reshape(*q.shape[:2], d))
                 kk = RMSNorm(c.layer_norm_eps, "vis_qk", pd, name="k_norm")(kk.reshape(*kk.shape[:2], d))
                 q, kk = q.reshape(*q.shape[:2], h, k), kk.reshape(*kk.shape[:2], h, k)
             attn = full_attention(q, kk, v)
-            attn = Dense((d,), ("vis_heads", "head_dim", "vis_embed"), True, n_in=2, param_dtype=pd, name="o")(attn)
+            attn = Dense((d,), ("vis_heads", "head_dim", "vis_embed"), True, n_in=2, param_dtype=pd, quant=qz,
+                         name="o")(attn)
             # Layer scale multiplies the branch before the residual add.
             ls1 = weight(self, "ls1", (d,), ("vis_embed",), nn.initializers.constant(c.layer_scale_init_value), pd)
             x = x + ls1.astype(x.dtype) * attn
 
         with jax.named_scope("mlp"):
             y = norm(c.norm_type, c.layer_norm_eps, "vis_embed", pd, "norm2")(x)
-            y = Dense((c.intermediate_size,), ("vis_embed", "vis_mlp"), True, param_dtype=pd, name="fc1")(y)
+            y = Dense((c.intermediate_size,), ("vis_embed", "vis_mlp"), True, param_dtype=pd, quant=qz,
+                      name="fc1")(y)
             y = activation(c.hidden_act)(y)
-            y = Dense((d,), ("vis_mlp", "vis_embed"), True, param_dtype=pd, name="fc2")(y)
+            y = Dense((d,), ("vis_mlp", "vis_embed"), True, param_dtype=pd, quant=qz, name="fc2")(y)
             ls2 = weight(self, "ls2", (d,), ("vis_embed",), nn.initializers.constant(c.layer_scale_init_value), pd)
             x = x + ls2.astype(x.dtype) * y
         if self.num_run < c.num_layers:
@@ -127,6 +130,7 @@ class VisionTower(nn.Module):
     feature_layer: int  # transformers' vision_feature_layer: -1 = last, -2 = one before, k >= 0 = after k layers
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    quant: str = ""
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -143,7 +147,7 @@ class VisionTower(nn.Module):
             in_axes=0,
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.param_dtype, num_run, name="layers")
+        )(c, self.param_dtype, num_run, self.quant, name="layers")
         x, _ = layers(x, jnp.arange(c.num_layers))
         if not c.use_mean_pooling:
             # The checkpoint has this norm whatever the feature layer; transformers applies it only to the last.

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from internvl_jax.cli_options import add_generation_arguments, check_generation_arguments, generation_kwargs
+from internvl_jax.cli_options import (
+    add_generation_arguments,
+    check_generation_arguments,
+    generation_kwargs,
+    model_kwargs,
+)
 from internvl_jax.runners import shards
 from internvl_jax.runners.options import RunOptions
 from internvl_jax.runners.records import Request, id_key, read_prompts
@@ -61,7 +66,9 @@ def fingerprint(kind: str, args: argparse.Namespace, directory: Path, requests: 
     fp = {"kind": kind, "model": str(directory.resolve()), "dtype": dtype, "records": len(requests),
           "ids_sha256": ids, "generation": dataclasses.asdict(sampling), "template": template_kwargs(args),
           "system": args.system, "save_token_ids": args.save_token_ids,
-          **({"profile": args.profile} if getattr(args, "profile", None) else {})}  # eval: its dataset profile
+          **({"profile": args.profile} if getattr(args, "profile", None) else {}),  # eval: its dataset profile
+          # quantized weights or cache change answers; absent when not used, so earlier runs still resume
+          **{k: v for k, v in model_kwargs(args).items() if v not in (None, "", "auto")}}
     if sampling.do_sample:  # the slot engine seeds each record by its row; static batches draw per batch
         fp["engine"] = "slots" if getattr(args, "slots", 0) else "static"
     return json.loads(json.dumps(fp))  # as it reads back from the file (tuples become lists)
@@ -126,7 +133,7 @@ def _run(pending: list[Request], part: Path, args: argparse.Namespace, distribut
     if args.do_sample and not args.slots:
         print("internvl-jax: note: sampled answers depend on which rows share a batch, so a resumed or sharded "
               "run is not token-identical to an uninterrupted one (greedy runs are)", file=sys.stderr)
-    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh)
+    model = InternVL.from_pretrained(directory, dtype=args.dtype, mesh=mesh, **model_kwargs(args))
     # eval: its profile's image backend, and no EXIF rotation (VLMEvalKit's PIL loading applies none).
     processor = InternVLProcessor.from_pretrained(directory, **getattr(args, "processor", {}))
     opts = run_options(args)
