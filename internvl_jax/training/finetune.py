@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -273,9 +272,8 @@ def save(model: Any, source: Path, dst: Path) -> Path:
     from internvl_jax.checkpoint import ParamWriter, atomic_directory, copy_sidecar_files, write_manifest
 
     flat = weights.flatten_paths(model.params)
-    if dst.exists():
-        shutil.rmtree(dst)
-    with atomic_directory(dst) as tmp:
+    # force: a rerun replaces the model it wrote before, and only that (`checkpoint.check_destination`).
+    with atomic_directory(dst, force=True) as tmp:
         writer = ParamWriter(tmp)
         for path, array in flat.items():
             writer.save(path, array)
