@@ -76,7 +76,11 @@ def cache_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, slo
 
 def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int, seq: int, tiles: int,
                      dtype: str = "bfloat16") -> int:
-    """Prefill peak estimate: one decoder layer's largest live tensors, or the vision tower's on the tiles."""
+    """Prefill peak estimate: one decoder layer's largest live tensors, or the vision tower's on one group of
+    tiles. Attention is blockwise (`model/attention.py`): one tile of scores per row and head, not [seq, seq]."""
+    from internvl_jax.engine.vision import VISION_GROUP
+    from internvl_jax.model.attention import BLOCK
+
     sizes = _sizes(mesh)
     dp, tp = sizes["data"], sizes["tensor"]
     t, v = config.text, config.vision
@@ -85,9 +89,9 @@ def activation_bytes(config: InternVLConfig, mesh: Mapping[str, int], batch: int
     heads = -(-t.num_heads // tp)
     text = (4 * b * seq * t.hidden_size * item  # residual, normed input, attention and MLP outputs
             + 3 * b * seq * -(-t.intermediate_size // tp) * item  # gate, up, their product
-            + 2 * b * heads * seq * seq * 4  # attention scores and probabilities, float32
+            + 2 * b * heads * min(seq, BLOCK) ** 2 * 4  # one tile of scores and probabilities, float32
             + b * -(-t.vocab_size // tp) * 4)  # last-position logits
-    n = -(-tiles // dp)
+    n = min(-(-tiles // dp), VISION_GROUP)
     s = v.grid * v.grid + 1
     vision = (4 * n * s * v.hidden_size * item + 2 * n * s * -(-v.intermediate_size // tp) * item
               + 2 * n * -(-v.num_heads // tp) * s * s * 4)

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from internvl_jax.cli import main as cli_main
-from internvl_jax.demo import make_demo_checkpoint
+from internvl_jax.demo import make_demo_checkpoint, shapes
 from internvl_jax.modeling import InternVL
 from internvl_jax.processing.processor import InternVLProcessor
 from internvl_jax.runners.records import read_prompts
 from internvl_jax.training import finetune as F
-from internvl_jax.training import shapes
 from internvl_jax.training.options import FinetuneOptions
 
 
@@ -45,6 +44,46 @@ def test_labels_are_the_assistant_turn(setup):
     # nothing before the assistant's turn is trained: the prompt, the image tokens, the generation prompt
     first = int(np.argmax(trained))
     assert not trained[:first].any() and processor.decode(ex.ids[:first]).endswith("<|im_start|>assistant\n")
+
+
+def test_turn_boundaries_without_reprocessing_images(setup):
+    """`encode` processes a conversation's images once and finds each assistant turn's tokens from the rendered
+    prefixes and the tile counts: the same lengths as tokenizing every prefix with its images."""
+    root, ckpt, train, _ = setup
+    processor = InternVLProcessor.from_pretrained(ckpt)
+    wide = root / "wide.png"
+    shapes.draw(next(shapes.examples(1, 5)).scene).resize((900, 300)).save(wide)  # several tiles + a thumbnail
+    image = read_prompts(train)[0].conversation[0]["content"][0]
+    conversation = [
+        {"role": "user", "content": [image, {"type": "text", "text": "How many shapes are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+        {"role": "user", "content": [{"type": "image", "url": str(wide)}, {"type": "text", "text": "And here?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+    ]
+    full = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    tiles = [int(n) for n in full["num_patches"]]
+    assert tiles[0] == 1 and tiles[1] > 2
+    for k in range(1, 5):
+        for gen in (False, True):
+            prompt = processor.apply_chat_template(conversation[:k], add_generation_prompt=gen)
+            want = processor.apply_chat_template(conversation[:k], add_generation_prompt=gen, tokenize=True).shape[1]
+            assert processor.expanded_length(prompt, tiles) == want, (k, gen)
+    ex = F.encode(processor, conversation, 4096)
+    assert processor.decode(ex.ids[ex.labels != F.IGNORE]) == "3<|im_end|>\ntwo<|im_end|>\n"
+
+
+def test_pixels_past_the_memory_budget_are_made_per_batch(setup, monkeypatch):
+    _, ckpt, train, _ = setup
+    processor = InternVLProcessor.from_pretrained(ckpt)
+    kept, _ = F.load(processor, train, 4096, strict=False)
+    monkeypatch.setattr(F, "PIXEL_MEMORY", kept[0].pixels.nbytes)  # the first record keeps its pixels
+    lazy, _ = F.load(processor, train, 4096, strict=False)
+    assert lazy[0].pixels is not None and all(e.pixels is None and e.conversation for e in lazy[1:])
+    a, b = F.collate(kept[:5], 4096), F.collate(lazy[:5], 4096, processor)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="processor"):
+        F.collate(lazy[:5], 4096)
 
 
 @pytest.mark.slow  # three short runs: about two minutes

@@ -1,4 +1,4 @@
-"""The shapes task (internvl_jax/training/shapes.py): pictures and answers as the issue specifies them, checked
+"""The shapes task (internvl_jax/demo/shapes.py): pictures and answers as the issue specifies them, checked
 on the drawn pixels and against the scene, the same for the same seed, readable by `batch` and `eval`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import csv
 import numpy as np
 from PIL import Image
 
+from internvl_jax.demo import shapes as S
 from internvl_jax.runners.records import read_prompts
-from internvl_jax.training import shapes as S
 
 
 def test_scenes_follow_the_rules_and_the_pixels_show_them():

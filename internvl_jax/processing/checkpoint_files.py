@@ -172,8 +172,8 @@ def video_preprocessor_config() -> dict:
     }
 
 
-def processor_config() -> dict:
-    return {"image_seq_length": 256, "processor_class": "InternVLProcessor"}
+def processor_config(image_seq_length: int = 256) -> dict:
+    return {"image_seq_length": image_seq_length, "processor_class": "InternVLProcessor"}
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -181,7 +181,7 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 
 def write_processor_files(dirpath: pathlib.Path, tokenizer_json: str,
-                          added: list[tuple[int, str, bool]] | None = None) -> None:
+                          added: list[tuple[int, str, bool]] | None = None, image_seq_length: int = 256) -> None:
     """Write the processor side of a checkpoint directory into `dirpath` (created if needed): the given
     tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json,
     video_preprocessor_config.json, processor_config.json. generation_config.json is not written here."""
@@ -192,4 +192,4 @@ def write_processor_files(dirpath: pathlib.Path, tokenizer_json: str,
     (dirpath / "chat_template.jinja").write_text(INTERNVL_HF_CHAT_TEMPLATE, encoding="utf-8")
     _write_json(dirpath / "preprocessor_config.json", preprocessor_config())
     _write_json(dirpath / "video_preprocessor_config.json", video_preprocessor_config())
-    _write_json(dirpath / "processor_config.json", processor_config())
+    _write_json(dirpath / "processor_config.json", processor_config(image_seq_length))

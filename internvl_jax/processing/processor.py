@@ -431,6 +431,37 @@ class InternVLProcessor:
                         f"text row {r} has {want} {self.image_token} placeholder(s) but its image list has {got}"
                     )
 
+    def expanded_length(self, prompt: str, tiles: Sequence[int]) -> int:
+        """Tokens that `apply_chat_template(..., tokenize=True)` gives for a rendered prompt whose i-th
+        placeholder is an image of `tiles[i]` tiles (or a video of that many frames), as `num_patches` reports
+        them; counts past the prompt's placeholders are ignored. What a prefix of a conversation costs without
+        loading its images again (fine-tuning's labels)."""
+        n = len(self._visual_kinds(prompt))
+        if n > len(tiles):
+            raise InputError(f"the text has {n} image/video placeholder(s) but {len(tiles)} tile count(s) were given")
+        bos = self.tokenizer.special_tokens_map.get("bos_token")
+        add_special = not (bos is not None and prompt.startswith(bos))
+        return len(self.tokenizer.encode_batch([self._expand(prompt, [int(t) for t in tiles[:n]])], add_special)[0])
+
+    def _visual_kinds(self, sample: str) -> list[str]:
+        """"image" / "video" for each placeholder of a text, in order."""
+        return [m.lastgroup for m in self._visual_pattern.finditer(sample)]
+
+    def _expand(self, sample: str, tiles: list[int]) -> str:
+        """The text with its i-th placeholder replaced by the tokens of `tiles[i]` tiles (or frames)."""
+        start, end, ctx = self.start_image_token, self.end_image_token, self.image_token
+        pieces, last = [], 0
+        for match, n in zip(self._visual_pattern.finditer(sample), tiles, strict=True):
+            pieces.append(sample[last : match.start()])
+            last = match.end()
+            if match.lastgroup == "image":
+                pieces.append(f"{start}{ctx * (self.image_seq_length * n)}{end}")
+            else:
+                frame = f"{start}{ctx * self.image_seq_length}{end}"
+                pieces.append("\n".join(f"Frame{i + 1}: {frame}" for i in range(n)))
+        pieces.append(sample[last:])
+        return "".join(pieces)
+
     def _process(
         self,
         texts: list[str],
@@ -458,24 +489,12 @@ class InternVLProcessor:
         video_pixels = [
             load_video(src, name, self.video_config, timeout=self.timeout, **video_kwargs) for src, name in video_items
         ]
-        start, end, ctx = self.start_image_token, self.end_image_token, self.image_token
         expanded, visuals = [], []
         image_iter, video_iter = iter(image_pixels), iter(video_pixels)
         for sample in texts:
-            pieces, last = [], 0
-            for match in self._visual_pattern.finditer(sample):
-                pieces.append(sample[last : match.start()])
-                last = match.end()
-                if match.lastgroup == "image":
-                    pixels = next(image_iter)
-                    pieces.append(f"{start}{ctx * (self.image_seq_length * len(pixels))}{end}")
-                else:
-                    pixels = next(video_iter)
-                    frame = f"{start}{ctx * self.image_seq_length}{end}"
-                    pieces.append("\n".join(f"Frame{i + 1}: {frame}" for i in range(len(pixels))))
-                visuals.append(pixels)
-            pieces.append(sample[last:])
-            expanded.append("".join(pieces))
+            row = [next(image_iter if kind == "image" else video_iter) for kind in self._visual_kinds(sample)]
+            expanded.append(self._expand(sample, [len(pixels) for pixels in row]))
+            visuals += row
         ids, mask = self.tokenizer.pad(self.tokenizer.encode_batch(expanded, add_special_tokens), **pad_kwargs)
         out = BatchFeature(input_ids=ids, attention_mask=mask)
         if visuals:

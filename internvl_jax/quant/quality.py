@@ -1,10 +1,14 @@
 """Quality of quantized weights and of the int8 KV cache against float32, on the same weights and inputs.
 
-    python -m internvl_jax.quant.quality --preset InternVL3-1B      # the figures in docs/quantization.md
+    python -m internvl_jax.quant.quality --preset InternVL3-1B      # random weights of a real shape
+    python -m internvl_jax.quant.quality --model internvl_jax/demo/shapes-internvl   # the trained shapes model
 
-Random weights of the preset's shape; image+text prompts (one tile, then text) of `positions` tokens in all;
-for each variant, over every position: relative logit error ||l - l_ref|| / ||l_ref||, mean KL(p_ref || p) and
-top-1 agreement. The KV-cache variant runs the prompt through an int8 cache (the keys attend as stored).
+Random weights of the preset's shape and image+text prompts (one tile, then text), or a trained checkpoint's
+weights and the shapes task's held-out pictures and conversations; `positions` tokens in all. For each variant,
+over every position: relative logit error ||l - l_ref|| / ||l_ref||, mean KL(p_ref || p) and top-1 agreement.
+The KV-cache variant runs the prompt through an int8 cache (the keys attend as stored). With `--model`, also the
+accuracy of each variant's greedy answers on the shapes held-out set (the drop is what docs/quantization.md
+reports against the issue's bounds).
 """
 
 from __future__ import annotations
@@ -69,11 +73,41 @@ def compare(ref: np.ndarray, out: np.ndarray, positions: int | None = None) -> d
             "top1": float(np.mean(ref.argmax(-1) == out.argmax(-1))), "positions": int(ref.shape[0])}
 
 
-def measure(config: InternVLConfig, positions: int = 512, seed: int = 0, variants: tuple[str, ...] = tuple(VARIANTS)
-            ) -> dict[str, dict[str, float]]:
-    """{variant: compare(float32, variant)} on random weights of `config` and `prompts(config, positions)`."""
-    floats = random_params(config, "float32", seed)
-    ids, pixels = prompts(config, positions, seed)
+def shapes_prompts(model_dir: str, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out shapes conversations (a picture, ten questions and their answers) cut to one length, as many as
+    make `positions` tokens."""
+    import tempfile
+
+    from internvl_jax.demo import shapes
+    from internvl_jax.demo.shapes_model import HELDOUT
+    from internvl_jax.processing.processor import InternVLProcessor
+    from internvl_jax.runners.records import read_prompts
+
+    processor = InternVLProcessor.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl = shapes.write(tmp, 8, HELDOUT["seed"] + 1000, name="quality", questions=10)
+        rows = [processor.apply_chat_template(r.conversation, tokenize=True, return_dict=True)
+                for r in read_prompts(jsonl)]
+    t = min(r["input_ids"].shape[1] for r in rows)
+    n = -(-positions // t)
+    ids = np.concatenate([r["input_ids"][:, :t] for r in rows[:n]]).astype(np.int32)
+    return ids, np.concatenate([r["pixel_values"] for r in rows[:n]])
+
+
+def measure(config: InternVLConfig, positions: int = 512, seed: int = 0, variants: tuple[str, ...] = tuple(VARIANTS),
+            model_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """{variant: compare(float32, variant)} on random weights of `config` and `prompts(config, positions)`, or on
+    the weights of `model_dir` and `shapes_prompts` (plus each variant's held-out accuracy)."""
+    from internvl_jax.demo.shapes_model import heldout_accuracy
+
+    if model_dir is None:
+        floats = random_params(config, "float32", seed)
+        ids, pixels = prompts(config, positions, seed)
+    else:
+        from internvl_jax.modeling import InternVL
+
+        floats = InternVL.from_pretrained(model_dir, dtype="float32").params
+        ids, pixels = shapes_prompts(model_dir, positions)
     ref = logits(config, floats, ids, pixels)
     out = {}
     for name in variants:
@@ -81,6 +115,10 @@ def measure(config: InternVLConfig, positions: int = 512, seed: int = 0, variant
         params = quantize_params(config, floats, "float32", quant) if quant else floats
         out[name] = compare(ref, logits(config, params, ids, pixels, quant, kv), positions)
         del params
+        if model_dir is not None:
+            out[name]["accuracy"] = heldout_accuracy(model_dir, quant, kv)
+    if model_dir is not None:
+        out["float32"] = {"accuracy": heldout_accuracy(model_dir)}
     return out
 
 
@@ -89,23 +127,30 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m internvl_jax.quant.quality", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="InternVL3-1B", help="preset name or checkpoint directory (its shape)")
+    p.add_argument("--model", help="a trained shapes checkpoint: its weights, held-out prompts and accuracy")
     p.add_argument("--positions", type=int, default=512)
     p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quicker, shallower check)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args(argv)
-    config = shape_of(args.preset)
+    config = shape_of(args.model or args.preset)
     if args.layers:
         config = config.replace(text=dataclasses.replace(config.text, num_layers=args.layers))
     t0 = time.perf_counter()
-    result = measure(config, args.positions)
+    result = measure(config, args.positions, model_dir=args.model)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.preset}, random weights, {args.positions} positions of image+text prompts "
-          f"({time.perf_counter() - t0:.0f} s)\n")
-    print("| variant | relative logit error | KL(float32 ‖ variant) | top-1 agreement |\n|---|---|---|---|")
+    what = f"{args.model}, trained weights, held-out shapes conversations" if args.model else \
+        f"{args.preset}, random weights, image+text prompts"
+    print(f"{what}: {args.positions} positions ({time.perf_counter() - t0:.0f} s)\n")
+    acc = " held-out accuracy |" if args.model else ""
+    print(f"| variant | relative logit error | KL(float32 ‖ variant) | top-1 agreement |{acc}\n|---|---|---|---|"
+          + ("---|" if args.model else ""))
     for name, r in result.items():
-        print(f"| {name} | {r['rel_error']:.4f} | {r['kl']:.2e} | {r['top1']:.3f} |")
+        cells = [f"{r['rel_error']:.4f}", f"{r['kl']:.2e}", f"{r['top1']:.3f}"] if "kl" in r else ["", "", ""]
+        if args.model:
+            cells.append(f"{r['accuracy']:.3f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

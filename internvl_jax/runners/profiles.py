@@ -146,6 +146,15 @@ def build(name: str, kind: str, known: bool = True) -> Profile:
                    upscale_first=_has(name, ["MMMU"]), known=known)
 
 
+# Datasets of this project, not VLMEvalKit's: the shapes task (`internvl_jax/demo/shapes.py`, a file named
+# Shapes*.tsv or `--dataset Shapes`), asked as it was trained (the bare question, no system message) and scored by
+# exact match of the one-word answer.
+OWN: dict[str, Profile] = {
+    "Shapes": Profile("Shapes", VQA, "bare", "accuracy", max_patches=6, hit_rule="max", system=None,
+                      max_new_tokens=16),
+}
+
+
 def kind_from_columns(rows: Sequence[Mapping[str, Any]]) -> str:
     """An unknown dataset's type from its rows: option columns make it multiple choice, answers that are all
     Yes / No a yes/no set, anything else open questions."""
@@ -162,6 +171,8 @@ def name_from_file(path: Path) -> str | None:
     """The VLMEvalKit dataset a file is of: its stem is the name (MMBench_DEV_EN.tsv) or ends with it
     (InternVL3-8B_MMBench_DEV_EN.xlsx, VLMEvalKit's predictions); the longest such name wins."""
     stem = path.stem
+    if stem.lower().startswith("shapes"):
+        return "Shapes"
     hits = [n for n in KNOWN if stem == n or stem.endswith("_" + n)]
     return max(hits, key=len) if hits else None
 
@@ -170,13 +181,16 @@ def choose(dataset: str | None, data_file: Path, rows: Sequence[Mapping[str, Any
     """(profile, a notice for stderr or None). `--dataset` wins over the file name; a name VLMEvalKit does not
     list here gets its type from the columns (and the name rules for that type)."""
     name = dataset or name_from_file(data_file)
+    if name in OWN:
+        return OWN[name], None
     if name in KNOWN:
         return build(name, KNOWN[name]), None
     kind = kind_from_columns(rows)
     name = name or data_file.stem
     reason = f"--dataset {dataset!r} is" if dataset else f"the file name {data_file.name!r} names"
     return build(name, kind, known=False), (
-        f"{reason} no dataset profile ({', '.join(sorted(KNOWN))}); evaluating as {kind} from the file's columns")
+        f"{reason} no dataset profile ({', '.join(sorted([*KNOWN, *OWN]))}); evaluating as {kind} from the file's "
+        "columns")
 
 
 def override(profile: Profile, *, system: str | None = None, image_backend: str | None = None,

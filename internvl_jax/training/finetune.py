@@ -19,9 +19,11 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,15 @@ import optax
 from internvl_jax.engine.generate import bucket
 from internvl_jax.training.options import FREEZABLE, IGNORE, FinetuneOptions
 
+PIXEL_MEMORY = 2 << 30  # bytes of pixel values kept in memory; past them a record's pixels are made per batch
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     ids: np.ndarray  # [t] int32
     labels: np.ndarray  # [t] int32: the token to predict at each position's next step, IGNORE where not trained
-    pixels: np.ndarray | None  # [tiles, 3, S, S]
+    pixels: np.ndarray | None  # [tiles, 3, S, S]; None for a text-only record or one whose pixels are reloaded
+    conversation: list[dict] | None = None  # kept when the pixels are made again for each batch (PIXEL_MEMORY)
 
 
 # ----- data -----
@@ -46,7 +51,8 @@ def encode(processor: Any, conversation: list[dict], max_length: int) -> Example
     """Token ids, labels on every assistant turn's tokens (its text and end-of-turn token) and pixel values.
 
     Each assistant turn's tokens are what the template adds to the conversation before it when that turn is
-    appended, after the generation prompt: exactly what the model is asked to produce at inference."""
+    appended, after the generation prompt: exactly what the model is asked to produce at inference. The images
+    are processed once; the turns' boundaries come from the rendered prefixes and the tile counts."""
     turns = [i for i, m in enumerate(conversation) if m.get("role") == "assistant"]
     if not turns:
         raise ValueError("the conversation has no assistant turn to train on")
@@ -54,10 +60,12 @@ def encode(processor: Any, conversation: list[dict], max_length: int) -> Example
     ids = np.asarray(full["input_ids"][0], np.int32)
     if len(ids) > max_length:
         raise ValueError(f"{len(ids)} tokens exceed --max-length {max_length}")
+    tiles = [int(n) for n in full.get("num_patches", [])]
     labels = np.full(ids.shape, IGNORE, np.int32)
     for turn in turns:
-        start = _length(processor, conversation[:turn], generation_prompt=True)
-        end = _length(processor, conversation[: turn + 1], generation_prompt=False)
+        start = processor.expanded_length(
+            processor.apply_chat_template(conversation[:turn], add_generation_prompt=True), tiles)
+        end = processor.expanded_length(processor.apply_chat_template(conversation[: turn + 1]), tiles)
         if not 0 < start < end <= len(ids):
             raise ValueError(f"the chat template does not render turn {turn} as an extension of the turns before it")
         labels[start:end] = ids[start:end]
@@ -65,28 +73,34 @@ def encode(processor: Any, conversation: list[dict], max_length: int) -> Example
     return Example(ids, labels, None if pixels is None else np.asarray(pixels, np.float32))
 
 
-def _length(processor: Any, messages: list[dict], generation_prompt: bool) -> int:
-    """Tokens of the conversation so far, image tokens expanded as the processor expands them."""
-    return len(processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)[0])
-
-
 def load(processor: Any, path: str | Path, max_length: int, strict: bool) -> tuple[list[Example], list[dict]]:
     """Every trainable record of a JSONL file, and the skipped ones ({line, id, reason}). `strict`: the first bad
-    record raises ValueError naming its line."""
+    record raises ValueError naming its line. Records are processed on all cores; the pixels of the first
+    PIXEL_MEMORY bytes stay in memory, later records keep their conversation and are processed again per batch."""
     from internvl_jax.runners.records import read_prompts
 
-    examples, skipped = [], []
-    for req in read_prompts(path):
-        reason = req.error
-        if reason is None:
-            try:
-                examples.append(encode(processor, req.conversation, max_length))
+    def one(req: Any) -> Example | str:
+        if req.error is not None:
+            return req.error
+        try:
+            return encode(processor, req.conversation, max_length)
+        except (ValueError, OSError) as e:  # a bad turn, an image that does not load
+            return f"{req.label()}: {e}"
+
+    reqs = list(read_prompts(path))
+    examples, skipped, kept = [], [], 0
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL and numpy let go of the GIL
+        for req, ex in zip(reqs, pool.map(one, reqs), strict=True):
+            if isinstance(ex, str):
+                if strict:
+                    raise ValueError(f"{path}: {ex} (--strict)")
+                skipped.append({"where": req.where, "id": req.id, "reason": ex})
                 continue
-            except (ValueError, OSError) as e:  # a bad turn, an image that does not load
-                reason = f"{req.label()}: {e}"
-        if strict:
-            raise ValueError(f"{path}: {reason} (--strict)")
-        skipped.append({"where": req.where, "id": req.id, "reason": reason})
+            if ex.pixels is not None:
+                kept += ex.pixels.nbytes
+                if kept > PIXEL_MEMORY:
+                    ex = dataclasses.replace(ex, pixels=None, conversation=req.conversation)
+            examples.append(ex)
     return examples, skipped
 
 
@@ -100,17 +114,26 @@ def batches(n: int, size: int, seed: int, step: int) -> np.ndarray:
     return rows if len(rows) == size else np.resize(order, size)
 
 
-def collate(examples: Sequence[Example], max_length: int) -> dict[str, np.ndarray | None]:
+def collate(examples: Sequence[Example], max_length: int, processor: Any = None) -> dict[str, np.ndarray | None]:
     """Right-padded rows to a power-of-two length (few compiled programs), labels shifted to the loss's layout
-    (`model.loss` predicts labels[:, 1:] from logits[:, :-1])."""
+    (`model.loss` predicts labels[:, 1:] from logits[:, :-1]). `processor` makes the pixels of records that did not
+    keep theirs."""
     t = min(bucket(max(len(e.ids) for e in examples), 16), bucket(max_length, 16))
     ids = np.zeros((len(examples), t), np.int32)
     labels = np.full((len(examples), t), IGNORE, np.int32)
     mask = np.zeros((len(examples), t), bool)
     for i, e in enumerate(examples):
         ids[i, : len(e.ids)], labels[i, : len(e.ids)], mask[i, : len(e.ids)] = e.ids, e.labels, True
-    px = [e.pixels for e in examples if e.pixels is not None]
+    px = [e.pixels if e.conversation is None else pixels_of(processor, e.conversation) for e in examples]
+    px = [p for p in px if p is not None]
     return {"ids": ids, "labels": labels, "mask": mask, "pixels": np.concatenate(px) if px else None}
+
+
+def pixels_of(processor: Any, conversation: list[dict]) -> np.ndarray:
+    if processor is None:
+        raise ValueError("collate: records without their pixels need the processor to make them")
+    return np.asarray(processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["pixel_values"],
+                      np.float32)
 
 
 # ----- the optimizer and the step -----
@@ -141,11 +164,12 @@ def train_step(model: Any, tx: optax.GradientTransformation):
     return step
 
 
-def evaluate(model: Any, examples: Sequence[Example], batch_size: int, max_length: int) -> dict[str, float]:
+def evaluate(model: Any, examples: Sequence[Example], batch_size: int, max_length: int,
+             processor: Any = None) -> dict[str, float]:
     """Held-out loss and the fraction of assistant tokens predicted right (teacher forced: argmax of the logits)."""
     total, right, nll = 0, 0, 0.0
     for lo in range(0, len(examples), batch_size):
-        b = collate(examples[lo: lo + batch_size], max_length)
+        b = collate(examples[lo: lo + batch_size], max_length, processor)
         logits = np.asarray(model(b["ids"], b["pixels"], b["mask"]))[..., : model.config.text.vocab_size]
         target, pred = b["labels"][:, 1:], logits[:, :-1]
         valid = target != IGNORE
@@ -199,30 +223,37 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, opts: Fin
     from tqdm import tqdm
 
     bar = tqdm(total=opts.steps, initial=start, unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for update in range(start, opts.steps):
-        began, losses, tokens = time.perf_counter(), [], 0
-        for micro in range(opts.accumulate):
-            rows = batches(len(train), opts.batch_size, opts.seed, update * opts.accumulate + micro)
-            b = collate([train[i] for i in rows], opts.max_length)
-            with _on(mesh):
-                params, opt_state, loss = step_fn(params, opt_state, *(_place(b[k], mesh) for k in
-                                                                        ("ids", "labels", "pixels", "mask")))
-            losses.append(float(loss))
-            tokens += int(b["mask"].sum())
-        seconds = time.perf_counter() - began
-        line = {"step": update + 1, "loss": float(np.mean(losses)), "tokens_per_s": tokens / seconds}
-        if not math.isfinite(line["loss"]):
-            raise FloatingPointError(f"loss is {line['loss']} at update {update + 1}: lower --learning-rate")
-        if held and ((update + 1) % opts.save_every == 0 or update + 1 == opts.steps):
-            model.params = params
-            line["heldout"] = evaluate(model, held, opts.batch_size, opts.max_length)
-        log.write(json.dumps(line) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
-        bar.update(1)
-        if (update + 1) % opts.save_every == 0 or update + 1 == opts.steps:
-            manager.save(update + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-            manager.wait_until_finished()
+
+    def batch(i: int) -> dict:  # forward pass i's rows
+        return collate([train[r] for r in batches(len(train), opts.batch_size, opts.seed, i)], opts.max_length,
+                       processor)
+
+    with ThreadPoolExecutor(1) as ahead:  # the next batch is made while a step runs
+        upcoming = ahead.submit(batch, start * opts.accumulate)
+        for update in range(start, opts.steps):
+            began, losses, tokens = time.perf_counter(), [], 0
+            for micro in range(opts.accumulate):
+                b = upcoming.result()
+                upcoming = ahead.submit(batch, update * opts.accumulate + micro + 1)
+                with _on(mesh):
+                    params, opt_state, loss = step_fn(params, opt_state, *(_place(b[k], mesh) for k in
+                                                                            ("ids", "labels", "pixels", "mask")))
+                losses.append(float(loss))
+                tokens += int(b["mask"].sum())
+            seconds = time.perf_counter() - began
+            line = {"step": update + 1, "loss": float(np.mean(losses)), "tokens_per_s": tokens / seconds}
+            if not math.isfinite(line["loss"]):
+                raise FloatingPointError(f"loss is {line['loss']} at update {update + 1}: lower --learning-rate")
+            if held and ((update + 1) % opts.save_every == 0 or update + 1 == opts.steps):
+                model.params = params
+                line["heldout"] = evaluate(model, held, opts.batch_size, opts.max_length, processor)
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (update + 1) % opts.save_every == 0 or update + 1 == opts.steps:
+                manager.save(update + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                manager.wait_until_finished()
     bar.close()
     log.close()
     plot_loss(out / "loss.jsonl", out / "loss.png")

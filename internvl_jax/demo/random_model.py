@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -37,14 +38,26 @@ def _byte_unicode() -> dict[int, str]:
     return chars
 
 
-def byte_tokenizer() -> tuple[str, list[tuple[int, str, bool]]]:
-    """tokenizer.json text and the added tokens (ids from 256) of a byte-level tokenizer."""
-    vocab = {ch: b for b, ch in _byte_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+def byte_tokenizer(words: Sequence[str] = ()) -> tuple[str, list[tuple[int, str, bool]]]:
+    """tokenizer.json text and the added tokens (ids after the vocabulary) of a byte-level BPE tokenizer.
+
+    Without `words` it has the 256 byte tokens and no merges. Each of `words` (a piece of text as the
+    pre-tokenizer cuts it: "What", " colour", "?") becomes one token through merges added for it, in order, until
+    the BPE model itself encodes it as one token: a tokenizer for a closed vocabulary without a trainer (whose
+    results could differ between versions), the same for the same words."""
+    chars = _byte_unicode()
+    vocab = {ch: b for b, ch in chars.items()}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        target = "".join(chars[b] for b in word.encode())
+        while len(pieces := [t.value for t in models.BPE(vocab=vocab, merges=merges).tokenize(target)]) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    added = files.all_added_tokens(first_id=256)
-    for _, content, special in added:  # appended in order: ids 256, 257, ...
+    added = files.all_added_tokens(first_id=len(vocab))
+    for _, content, special in added:  # appended in order: ids len(vocab), len(vocab) + 1, ...
         tok.add_tokens([AddedToken(content, special=special, normalized=False)])
     assert tok.token_to_id(added[-1][1]) == added[-1][0]
     return tok.to_str(), added
@@ -79,19 +92,29 @@ def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) ->
     """Write the demo checkpoint to `out` (replaced only with `force`, and only if we wrote it: see
     `checkpoint.check_destination`)."""
     from internvl_jax.checkpoint import check_destination
+
+    check_destination(out, force)  # before the model is built: a refusal should not take seconds
+    return write_checkpoint(out, demo_config, seed, force=force, max_new_tokens=32, head=visible_only_head)
+
+
+def write_checkpoint(out: str | Path, make_config: Callable[[int, int], InternVLConfig], seed: int, force: bool,
+                     max_new_tokens: int, head: Callable[[jax.Array], jax.Array] | None = None,
+                     words: Sequence[str] = ()) -> Path:
+    """A random-weight -hf checkpoint with a byte-level tokenizer (`byte_tokenizer(words)`):
+    `make_config(image_token_id, vocab_size)` gives its widths, `head` (if any) rewrites the initial lm_head."""
     from internvl_jax.export import export_model
     from internvl_jax.modeling import InternVL
 
-    check_destination(out, force)  # before the model is built: a refusal should not take seconds
-    tokenizer_json, added = byte_tokenizer()
+    tokenizer_json, added = byte_tokenizer(words)
     ids = {content: i for i, content, _ in added}
     # Room for the <video> token the processor adds after the last added token.
-    config = demo_config(ids["<IMG_CONTEXT>"], vocab_size=max(ids.values()) + 2)
+    config = make_config(ids["<IMG_CONTEXT>"], max(ids.values()) + 2)
     model = InternVL.from_config(config, seed=seed)
-    model.params["text"]["lm_head"] = visible_only_head(model.params["text"]["lm_head"])
+    if head is not None:
+        model.params["text"]["lm_head"] = head(model.params["text"]["lm_head"])
     with tempfile.TemporaryDirectory() as side:
-        files.write_processor_files(Path(side), tokenizer_json, added)
+        files.write_processor_files(Path(side), tokenizer_json, added, image_seq_length=config.image_seq_length)
         generation = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-                      "do_sample": False, "max_new_tokens": 32}
+                      "do_sample": False, "max_new_tokens": max_new_tokens}
         (Path(side) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         return export_model(model, out, force=force, sidecar_from=Path(side))

@@ -124,49 +124,78 @@ def ask(sc: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return f"Is there a {colour} {kind}?", "yes" if (colour, kind) in present else "no", q
 
 
+def vocabulary() -> tuple[list[str], list[str]]:
+    """Every question and every answer the task can ask and give."""
+    questions = [f"What colour is the {k}?" for k in KINDS] + ["How many shapes are there?"]
+    questions += [f"What shape is {c}?" for c in COLOURS] + [f"Is there a {c} {k}?" for c in COLOURS for k in KINDS]
+    answers = [*COLOURS, *KINDS, "1", "2", "3", "4", "yes", "no"]
+    return questions, answers
+
+
 def examples(n: int, seed: int) -> Iterator[Example]:
     """`n` examples, the same ones for the same seed."""
+    for picture in quizzes(n, seed, 1):
+        yield picture[0]
+
+
+def quizzes(n: int, seed: int, questions: int) -> Iterator[list[Example]]:
+    """`n` pictures with up to `questions` different questions each (fewer when a picture allows fewer), the same
+    for the same seed; one question a picture draws what `examples` draws."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         sc = scene(rng)
-        question, answer, kind = ask(sc, rng)
-        yield Example(sc, question, answer, kind)
+        asked: list[Example] = []
+        for _ in range(4 * questions):  # a repeated question is drawn again, a few times at most
+            question, answer, kind = ask(sc, rng)
+            if all(question != e.question for e in asked):
+                asked.append(Example(sc, question, answer, kind))
+            if len(asked) == questions:
+                break
+        yield asked
 
 
-def write(out: str | Path, n: int, seed: int, name: str = "shapes") -> Path:
-    """`out/images/{name}-{i}.png`, `out/{name}.jsonl` (records with the answer as the assistant turn; `batch`
-    reads them and ignores it) and `out/{name}.tsv` (index, image_path, question, answer: a VQA file for `eval`).
-    Returns the JSONL path."""
+def write(out: str | Path, n: int, seed: int, name: str = "shapes", questions: int = 1) -> Path:
+    """`out/images/{name}-{i}.png`, `out/{name}.jsonl` (records with the answers as the assistant turns; `batch`
+    reads them and answers the first question) and `out/{name}.tsv` (index, image_path, question, answer: a VQA file
+    for `eval`, a row per question). `questions` > 1: each picture's conversation asks several questions, one turn
+    each (more answers to learn from per pass of the vision tower). Returns the JSONL path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl, tsv = out / f"{name}.jsonl", out / f"{name}.tsv"
     with jsonl.open("w") as fj, tsv.open("w", newline="") as ft:
         table = csv.writer(ft, delimiter="\t", lineterminator="\n")
         table.writerow(["index", "image_path", "question", "answer"])
-        for i, ex in enumerate(examples(n, seed)):
+        row = 0
+        for i, asked in enumerate(quizzes(n, seed, questions)):
             image = f"images/{name}-{i:05d}.png"
-            draw(ex.scene).save(out / image, optimize=False)
-            record = {"id": i, "messages": [
-                {"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": ex.question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]}],
-                "answer": ex.answer, "kind": ex.kind}
+            draw(asked[0].scene).save(out / image, optimize=False)
+            messages = []
+            for j, ex in enumerate(asked):
+                picture = [{"type": "image", "url": image}] if j == 0 else []
+                messages += [{"role": "user", "content": [*picture, {"type": "text", "text": ex.question}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]}]
+                table.writerow([row, image, ex.question, ex.answer])
+                row += 1
+            record = {"id": i, "messages": messages, "answer": asked[0].answer, "kind": asked[0].kind}
             fj.write(json.dumps(record) + "\n")
-            table.writerow([i, image, ex.question, ex.answer])
     return jsonl
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m internvl_jax.training.shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m internvl_jax.demo.shapes", description=__doc__.split("\n")[0])
     p.add_argument("out", help="directory to write into")
     p.add_argument("--n", type=int, default=500, help="pictures (one question each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="shapes", help="file name stem (train, heldout, ...)")
+    p.add_argument("--questions", type=int, default=1, help="questions a picture (turns of its conversation)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
-    print(write(args.out, args.n, args.seed, args.name))
+    if args.questions < 1:
+        p.error(f"--questions must be at least 1, got {args.questions}")
+    print(write(args.out, args.n, args.seed, args.name, args.questions))
     return 0
 
 

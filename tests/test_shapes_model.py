@@ -1,0 +1,111 @@
+"""The shapes model's recipe (internvl_jax/demo/shapes_model.py): its tokenizer makes each word of the task one
+token, its initial checkpoint (patches of 28 px, 64 tokens a tile) gives transformers' logits, `internvl-jax eval`
+scores a Shapes TSV with the task's profile, and the recipe gives the same bits when run twice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from internvl_jax.demo import shapes
+from internvl_jax.demo import shapes_model as M
+from internvl_jax.demo.random_model import write_checkpoint
+from internvl_jax.processing.processor import InternVLProcessor
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    """The recipe's random initial checkpoint."""
+    return write_checkpoint(tmp_path_factory.mktemp("shapes") / "init", M.config, M.INIT_SEED, force=False,
+                            max_new_tokens=M.MAX_NEW_TOKENS, words=M.words())
+
+
+def test_every_task_word_is_one_token(init):
+    processor = InternVLProcessor.from_pretrained(init)
+    questions, answers = shapes.vocabulary()
+    for q in questions:
+        ids = processor.tokenizer.encode_batch([q], False)[0]
+        assert processor.decode(ids) == q and len(ids) <= 6, (q, ids)
+    for a in answers:
+        assert len(processor.tokenizer.encode_batch([a], False)[0]) == 1, a
+    # text outside the task still round-trips, byte by byte
+    text = "Colours? Ünïcode, 12345 and\nnew lines"
+    assert processor.decode(processor.tokenizer.encode_batch([text], False)[0]) == text
+
+
+def test_initial_checkpoint_matches_transformers(init, tmp_path):
+    """The recipe's shape (28 px patches, 64 image tokens a tile, the word tokenizer) loads in transformers and
+    gives the same logits on a shapes question."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+
+    import internvl_jax
+
+    jsonl = shapes.write(tmp_path, 2, 7, name="q", questions=3)
+    processor = InternVLProcessor.from_pretrained(init)
+    conversation = [json.loads(line) for line in jsonl.read_text().splitlines()][0]["messages"]
+    conversation[0]["content"][0]["url"] = str(tmp_path / conversation[0]["content"][0]["url"])
+    x = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)
+    assert (x["input_ids"] == processor.image_token_ids[0]).sum() == 64
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(internvl_jax.InternVL.from_pretrained(init)(x["input_ids"], x["pixel_values"],
+                                                                     x["attention_mask"]))
+    hf = transformers.InternVLForConditionalGeneration.from_pretrained(init, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(x["input_ids"]), pixel_values=torch.from_numpy(x["pixel_values"]),
+                    attention_mask=torch.from_numpy(x["attention_mask"])).logits.numpy()
+    np.testing.assert_allclose(ours[..., : theirs.shape[-1]], theirs, atol=2e-5, rtol=0)
+
+
+def test_eval_scores_a_shapes_tsv_with_the_task_profile(init, tmp_path):
+    """A file named Shapes*.tsv is asked as trained (the bare question, no system message) and scored by exact
+    match; `heldout_accuracy` (the build's report) gives the same share on the same questions."""
+    from internvl_jax.cli import main
+
+    jsonl = shapes.write(tmp_path, M.HELDOUT["n"], M.HELDOUT["seed"], name="Shapes")
+    rows = jsonl.with_suffix(".tsv").read_text().splitlines()
+    small = tmp_path / "Shapes_small.tsv"
+    small.write_text("\n".join(rows[:25]) + "\n")  # the header and the first 24 questions
+    out = tmp_path / "eval"
+    assert main(["eval", str(small), "--model", str(init), "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"]["name"] == "Shapes" and summary["dataset"]["system"] is None
+    assert summary["dataset"]["prompt"] == "bare" and summary["records"] == 24 and summary["failed"] == 0
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 24 and all(p["answer"] in shapes.vocabulary()[1] for p in preds)
+    share = np.mean([p["exact_match"] for p in preds])
+    assert summary["open"]["exact_match"]["accuracy"] == pytest.approx(share)
+    assert M.heldout_accuracy(str(init), n=24) == pytest.approx(share)
+
+
+def test_the_recipe_gives_the_same_bits_twice(tmp_path):
+    """The build's pieces are deterministic: the initial checkpoint, the pictures and two updates of the
+    fine-tuning run, made twice, are the same bytes (a whole rebuild: python -m internvl_jax.demo.shapes_model)."""
+    from internvl_jax.training.finetune import finetune
+
+    opts = dataclasses.replace(M.OPTIONS, steps=2, warmup=1, save_every=2)
+    results = []
+    for k in range(2):
+        init = write_checkpoint(tmp_path / f"init{k}", M.config, M.INIT_SEED, force=False, max_new_tokens=8,
+                                words=M.words())
+        train = shapes.write(tmp_path / f"data{k}", 16, M.TRAIN["seed"], name="train", questions=M.TRAIN["questions"])
+        results.append((init, train, finetune(init, train, tmp_path / f"run{k}", opts, progress=False)))
+    (i0, t0, m0), (i1, t1, m1) = results
+    assert M.digests(i0) == M.digests(i1)
+    assert t0.read_bytes() == t1.read_bytes()
+    assert (t0.parent / "images/train-00007.png").read_bytes() == (t1.parent / "images/train-00007.png").read_bytes()
+    # what the build ships: the run's result exported to the -hf layout (the converted directory's own chunk
+    # files are named at random by tensorstore)
+    from internvl_jax.export import export_converted
+
+    h0, h1 = export_converted(m0, tmp_path / "hf0"), export_converted(m1, tmp_path / "hf1")
+    assert M.digests(h0) == M.digests(h1) and "model.safetensors" in M.digests(h0)
+    import internvl_jax
+
+    before = internvl_jax.InternVL.from_pretrained(i0).params["vision"]["embeddings"]["patch_kernel"]
+    after = internvl_jax.InternVL.from_pretrained(m0).params["vision"]["embeddings"]["patch_kernel"]
+    assert not np.array_equal(np.asarray(before), np.asarray(after))  # two updates did train
