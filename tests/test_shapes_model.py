@@ -82,6 +82,7 @@ def test_eval_scores_a_shapes_tsv_with_the_task_profile(init, tmp_path):
     assert M.heldout_accuracy(str(init), n=24) == pytest.approx(share)
 
 
+@pytest.mark.slow  # two short fine-tuning runs and exports: about a minute and a half
 def test_the_recipe_gives_the_same_bits_twice(tmp_path):
     """The build's pieces are deterministic: the initial checkpoint, the pictures and two updates of the
     fine-tuning run, made twice, are the same bytes (a whole rebuild: python -m internvl_jax.demo.shapes_model)."""
