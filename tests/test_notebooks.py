@@ -11,6 +11,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat / nbclient / ipykernel")
 from nbclient import NotebookClient  # noqa: E402
 
+pytestmark = pytest.mark.notebook  # after the default run, one at a time: the README's test command
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
