@@ -23,6 +23,9 @@ from internvl_jax.sharding import logical_axes, make_mesh, spec_for  # noqa: E40
 from tests import tiny_models as tm  # noqa: E402
 
 MESHES = {"1x1": "data=1", "8x1": "data=8", "1x8": "tensor=8", "2x4": "data=2,tensor=4", "4x2": "data=4,tensor=2"}
+# Gradients (a compile of the backward pass, the costliest step here) on the meshes whose weights are split: the
+# data-only meshes run the same backward program as one device on their own rows.
+GRAD_MESHES = ("1x8", "2x4")
 
 
 def main(out: str) -> None:
@@ -47,7 +50,7 @@ def main(out: str) -> None:
 
     ref_grads = W.flatten_paths(jax.grad(loss_of(base))(base.params))
     ref_tokens = base.generate(ids, px, mask, max_new_tokens=12)
-    result: dict = {"ref_max": float(np.abs(ref_logits).max())}
+    result: dict = {"ref_max": float(np.abs(ref_logits).max()), "grad_meshes": list(GRAD_MESHES)}
     for name, spec in MESHES.items():
         devices = jax.devices()[:1] if name == "1x1" else None
         mesh = make_mesh(spec, devices)
@@ -78,7 +81,8 @@ def main(out: str) -> None:
             "padding_is_min": bool((logits[..., vocab:] == np.finfo(np.float32).min).all()),
             "loss_err": abs(float(model.loss(ids, labels, px, mask)) - ref_loss),
             "grad_err": max(float(np.abs(np.asarray(g) - np.asarray(ref_grads[p])).max())
-                            for p, g in W.flatten_paths(jax.grad(loss_of(model))(model.params)).items()),
+                            for p, g in W.flatten_paths(jax.grad(loss_of(model))(model.params)).items())
+            if name in GRAD_MESHES else None,
             "forward_bytes": {"output": program.outputs, "temp": program.temp},
             "forward_gathers": compiled.gathered_shapes(compiled_forward.as_text()),
             "tokens_equal": bool((tokens == ref_tokens).all()),

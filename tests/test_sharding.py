@@ -47,7 +47,8 @@ def test_logits_and_loss_split_over_data_and_vocabulary(results, mesh, width, sp
     assert (r["logits_width"], r["logits_spec"]) == (width, spec)
     assert r["padding_is_min"]
     assert r["loss_err"] <= 1e-4 * max(1.0, results["ref_max"])
-    assert r["grad_err"] <= 1e-4  # jax.grad through `loss` on the mesh (jax.set_mesh would refuse to be traced)
+    if mesh in results["grad_meshes"]:  # the meshes that split weights (all would double the fixture's time)
+        assert r["grad_err"] <= 1e-4  # jax.grad through `loss` on the mesh (jax.set_mesh would refuse to be traced)
 
 
 @pytest.mark.parametrize("mesh", ["2x4", "1x8"])

@@ -99,9 +99,10 @@ def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) ->
 
 def write_checkpoint(out: str | Path, make_config: Callable[[int, int], InternVLConfig], seed: int, force: bool,
                      max_new_tokens: int, head: Callable[[jax.Array], jax.Array] | None = None,
-                     words: Sequence[str] = ()) -> Path:
+                     words: Sequence[str] = (), max_patches: int = 12) -> Path:
     """A random-weight -hf checkpoint with a byte-level tokenizer (`byte_tokenizer(words)`):
-    `make_config(image_token_id, vocab_size)` gives its widths, `head` (if any) rewrites the initial lm_head."""
+    `make_config(image_token_id, vocab_size)` gives its widths, `head` (if any) rewrites the initial lm_head;
+    the processor cuts pictures into tiles of the vision tower's image_size, at most `max_patches` of them."""
     from internvl_jax.export import export_model
     from internvl_jax.modeling import InternVL
 
@@ -113,7 +114,8 @@ def write_checkpoint(out: str | Path, make_config: Callable[[int, int], InternVL
     if head is not None:
         model.params["text"]["lm_head"] = head(model.params["text"]["lm_head"])
     with tempfile.TemporaryDirectory() as side:
-        files.write_processor_files(Path(side), tokenizer_json, added, image_seq_length=config.image_seq_length)
+        files.write_processor_files(Path(side), tokenizer_json, added, image_seq_length=config.image_seq_length,
+                                    tile=config.vision.image_size, max_patches=max_patches)
         generation = {"eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
                       "do_sample": False, "max_new_tokens": max_new_tokens}
         (Path(side) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

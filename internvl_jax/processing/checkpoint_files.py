@@ -116,7 +116,7 @@ def tokenizer_config(added: list[tuple[int, str, bool]] | None = None) -> dict:
     }
 
 
-def preprocessor_config() -> dict:
+def preprocessor_config(tile: int = 448, max_patches: int = 12) -> dict:
     return {
         "crop_size": None,
         "crop_to_patches": True,
@@ -133,17 +133,17 @@ def preprocessor_config() -> dict:
         "image_processor_type": "GotOcr2ImageProcessorFast",
         "image_std": IMAGENET_STD,
         "input_data_format": None,
-        "max_patches": 12,
+        "max_patches": max_patches,
         "min_patches": 1,
         "processor_class": "InternVLProcessor",
         "resample": 3,
         "rescale_factor": 0.00392156862745098,
         "return_tensors": None,
-        "size": {"height": 448, "width": 448},
+        "size": {"height": tile, "width": tile},
     }
 
 
-def video_preprocessor_config() -> dict:
+def video_preprocessor_config(tile: int = 448) -> dict:
     return {
         "crop_size": None,
         "data_format": "channels_first",
@@ -165,7 +165,7 @@ def video_preprocessor_config() -> dict:
         "resample": 3,
         "rescale_factor": 0.00392156862745098,
         "return_tensors": None,
-        "size": {"height": 448, "width": 448},
+        "size": {"height": tile, "width": tile},
         "size_divisor": None,
         "video_metadata": None,
         "video_processor_type": "InternVLVideoProcessor",
@@ -181,15 +181,18 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 
 def write_processor_files(dirpath: pathlib.Path, tokenizer_json: str,
-                          added: list[tuple[int, str, bool]] | None = None, image_seq_length: int = 256) -> None:
+                          added: list[tuple[int, str, bool]] | None = None, image_seq_length: int = 256,
+                          tile: int = 448, max_patches: int = 12) -> None:
     """Write the processor side of a checkpoint directory into `dirpath` (created if needed): the given
     tokenizer.json, tokenizer_config.json, chat_template.jinja, preprocessor_config.json,
-    video_preprocessor_config.json, processor_config.json. generation_config.json is not written here."""
+    video_preprocessor_config.json, processor_config.json. generation_config.json is not written here.
+    `tile`: the side pictures are cut or resized to (the vision tower's image_size); `max_patches`: tiles a
+    picture may be cut into (1: always resized to one tile)."""
     dirpath = pathlib.Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     (dirpath / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     _write_json(dirpath / "tokenizer_config.json", tokenizer_config(added))
     (dirpath / "chat_template.jinja").write_text(INTERNVL_HF_CHAT_TEMPLATE, encoding="utf-8")
-    _write_json(dirpath / "preprocessor_config.json", preprocessor_config())
-    _write_json(dirpath / "video_preprocessor_config.json", video_preprocessor_config())
+    _write_json(dirpath / "preprocessor_config.json", preprocessor_config(tile, max_patches))
+    _write_json(dirpath / "video_preprocessor_config.json", video_preprocessor_config(tile))
     _write_json(dirpath / "processor_config.json", processor_config(image_seq_length))
