@@ -174,7 +174,8 @@ class ParamReader:
         try:
             # Ctrl-C waits for the read: interrupted, orbax's event loop is left open and warns at exit.
             with held():
-                return self._ckpt.restore(folder, args=self._ocp.args.StandardRestore(target))["param"]
+                # orbax refuses a relative path ("Checkpoint path should be absolute")
+                return self._ckpt.restore(folder.absolute(), args=self._ocp.args.StandardRestore(target))["param"]
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"converted checkpoint {self.directory}: cannot restore {path!r} from "
                                   f"{folder} ({e})") from e

@@ -22,10 +22,12 @@ from internvl_jax.planner import cache_bytes, weight_bytes  # noqa: E402
 from internvl_jax.sharding import logical_axes, make_mesh, spec_for  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 
-MESHES = {"1x1": "data=1", "8x1": "data=8", "1x8": "tensor=8", "2x4": "data=2,tensor=4", "4x2": "data=4,tensor=2"}
-# Gradients (a compile of the backward pass, the costliest step here) on the meshes whose weights are split: the
-# data-only meshes run the same backward program as one device on their own rows.
-GRAD_MESHES = ("1x8", "2x4")
+# data=8 alone is left out: 4x2 has a data axis that does not divide the 6 rows too, and 1x1 the unsplit weights
+# (each mesh costs the fixture about half a minute of compiling).
+MESHES = {"1x1": "data=1", "1x8": "tensor=8", "2x4": "data=2,tensor=4", "4x2": "data=4,tensor=2"}
+# Gradients (compiling the backward pass is a third of this worker's time) on the mesh that splits both rows and
+# weights; the other meshes check the forward, the loss and generation.
+GRAD_MESHES = ("2x4",)
 
 
 def main(out: str) -> None:
@@ -57,7 +59,9 @@ def main(out: str) -> None:
         model = InternVL.from_pretrained(path, mesh=mesh)
         forward = model(ids, px, mask)
         logits, vocab = np.asarray(forward), model.config.text.vocab_size
-        program, compiled_forward = compiled.forward_program(model.config, mesh, batch=4, length=256, tiles=2)
+        # the compiled forward's memory and gathers, read for the unsplit mesh and the two that split weights most
+        program, compiled_forward = (compiled.forward_program(model.config, mesh, batch=4, length=256, tiles=2)
+                                     if name in ("1x1", "1x8", "2x4") else (None, None))
         tokens = model.generate(ids, px, mask, max_new_tokens=12)
         axes = logical_axes(model.config)
         flat = W.flatten_paths(model.params)
@@ -83,8 +87,8 @@ def main(out: str) -> None:
             "grad_err": max(float(np.abs(np.asarray(g) - np.asarray(ref_grads[p])).max())
                             for p, g in W.flatten_paths(jax.grad(loss_of(model))(model.params)).items())
             if name in GRAD_MESHES else None,
-            "forward_bytes": {"output": program.outputs, "temp": program.temp},
-            "forward_gathers": compiled.gathered_shapes(compiled_forward.as_text()),
+            "forward_bytes": program and {"output": program.outputs, "temp": program.temp},
+            "forward_gathers": compiled_forward and compiled.gathered_shapes(compiled_forward.as_text()),
             "tokens_equal": bool((tokens == ref_tokens).all()),
             "wrong_specs": wrong, "specs": specs, "param_bytes_dev0": int(actual),
             "planned_param_bytes": int(weight_bytes(model.config, dict(mesh.shape), "float32")),

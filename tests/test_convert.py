@@ -483,6 +483,16 @@ def test_converted_directory_checks_shapes(tmp_path, tiny_hf):
         InternVL.from_pretrained(tmp_path / "ours")
 
 
+def test_a_converted_directory_loads_by_a_relative_path(tmp_path, tiny_hf, monkeypatch):
+    """orbax restores only absolute paths: `from_pretrained("out/model")` failed on every parameter."""
+    convert(tiny_hf, tmp_path / "ours", dtype="float32", progress=False)
+    monkeypatch.chdir(tmp_path)
+    relative = InternVL.from_pretrained("ours")
+    absolute = InternVL.from_pretrained(tmp_path / "ours")
+    for p, a in W.flatten_paths(absolute.params).items():
+        np.testing.assert_array_equal(np.asarray(W.flatten_paths(relative.params)[p]), np.asarray(a))
+
+
 # ----- command line -----
 def test_command_lines(tmp_path, tiny_hf, capsys):
     assert convert_main([str(tiny_hf), str(tmp_path / "ours"), "--dtype", "float32"]) == 0

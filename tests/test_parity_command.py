@@ -139,8 +139,12 @@ def test_bfloat16_is_judged_by_a_bfloat16_tolerance(ckpt, tmp_path):
     worst = max(s["max_rel"] for s in report["stages"])
     assert rc == 0 and 1e-4 < worst < 5e-2, worst
     assert 0 < report["logits"]["kl_mean"] < 1e-2
-    rc, _ = run_parity(ckpt, tmp_path, "--dtype", "bfloat16", "--new-tokens", "0", "--rtol", "1e-4", "--atol", "1e-4")
-    assert rc == 1
+    # the float32 tolerance on the same errors (a second bfloat16 run with --rtol/--atol 1e-4 took 20 s on
+    # XLA:CPU, whose bfloat16 is slow; the exit status 1 of a failed check is tested with a perturbed layer)
+    from internvl_jax.parity import TOLERANCES
+
+    atol, rtol = TOLERANCES["float32"]
+    assert any(s["max_abs"] > atol + rtol * s["max_abs"] / s["max_rel"] for s in report["stages"])
 
 
 def test_inputs_are_compared_with_transformers_processor_when_it_loads(ckpt, tmp_path, monkeypatch, capsys):

@@ -86,7 +86,7 @@ def test_sampling_is_the_requests_own(model):
     reqs = [Request(id=r.id, ids=r.ids, pixels=r.pixels,
                     sampling=SamplingConfig(max_new_tokens=10, do_sample=True, temperature=0.8, seed=i,
                                             **settings[i % 3]))
-            for i, r in enumerate(requests(1, 6))]
+            for i, r in enumerate(requests(1, 4))]  # each setting, one twice with another seed
     first = {c.id: c.tokens for c in engine(model).run(reqs)}
     greedy = [Request(id=f"g{i}", ids=r.ids, pixels=r.pixels, sampling=SamplingConfig(max_new_tokens=12))
               for i, r in enumerate(requests(2, 3))]
