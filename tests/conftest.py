@@ -1,19 +1,24 @@
 """Test-wide settings: float32 matmuls at full precision so parity tolerances can be tight."""
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import warnings
-from pathlib import Path
 
-# One XLA compilation cache for the run: both xdist workers and every subprocess a test starts (they inherit the
-# environment) read and write it. Most of the suite's time is XLA:CPU compiling the same small programs again in
-# other tests and processes. A fresh clone starts with it empty; entries are keyed by the program, the compile
-# options and the jax/XLA versions, so a stale entry is never used. A size limit makes jax lock the directory
-# (two workers write it at once).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# One XLA compilation cache for the run: both xdist workers and every subprocess a test starts inherit the
+# variable (the workers are started after this file is loaded), so a program compiled in one test is loaded, not
+# compiled again, in the others; most of the suite's time is XLA:CPU compiling. A fresh directory each run: timings
+# stay those of a fresh clone, and the tests that compare a first (compiling) run with a second still see one.
+# A size limit makes jax lock the directory while it reads or writes (two workers at once).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="internvl-jax-xla-")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

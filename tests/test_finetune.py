@@ -151,6 +151,10 @@ def test_frozen_parts_and_bad_records(setup, tmp_path, capsys):
     assert cli_main(["finetune", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "x"),
                      "--freeze", "vision,eyes"]) == 2
     assert "--freeze eyes" in capsys.readouterr().err
+    # a warm-up as long as the run left the cosine decay no update (optax raised from inside the schedule)
+    assert cli_main(["finetune", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "y"),
+                     "--steps", "2", "--warmup", "2"]) == 2
+    assert "warmup (--warmup) must be at least 0 and less than steps (2), got 2" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # two runs in fresh processes: about two minutes

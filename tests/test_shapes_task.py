@@ -76,3 +76,11 @@ def test_written_files_are_seeded_and_read_by_batch_and_eval(tmp_path):
     with (tmp_path / "a/shapes.tsv").open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert len(rows) == 12 and rows[0]["image_path"] == "images/shapes-00000.png"
+
+
+def test_fewer_shapes_for_a_curriculum():
+    """`max_shapes` bounds a picture's shapes (a curriculum's first stage)."""
+    counts = collections.Counter(len(q[0].scene.shapes) for q in S.quizzes(60, 3, 2, max_shapes=2))
+    assert set(counts) == {1, 2}
+    one = [ex for q in S.quizzes(30, 4, 5, max_shapes=1) for ex in q]
+    assert all(ex.answer == "1" for ex in one if ex.kind == "count") and any(ex.kind == "count" for ex in one)

@@ -32,8 +32,8 @@ def results(tmp_path_factory):
 def test_logits_and_greedy_tokens_equal_single_device(results, mesh):
     r = results[mesh]
     assert r["logit_err"] <= 1e-4 * max(1.0, results["ref_max"])
-    assert r["tokens_equal"]
-
+    if mesh in results["generate_meshes"]:
+        assert r["tokens_equal"]
 
 @pytest.mark.parametrize("mesh, width, spec", [("1x1", VOCAB, []),
                                                ("4x2", VOCAB, ["None", "None", "tensor"]),

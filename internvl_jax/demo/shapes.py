@@ -67,10 +67,11 @@ class Example:
     kind: str  # one of QUESTION_KINDS
 
 
-def scene(rng: np.random.Generator) -> Scene:
-    """1-4 shapes placed at random, none overlapping (a placement that fails 200 times starts the scene again)."""
+def scene(rng: np.random.Generator, max_shapes: int = 4) -> Scene:
+    """1-4 shapes (1 to `max_shapes`: fewer make a curriculum's first stage) placed at random, none overlapping
+    (a placement that fails 200 times starts the scene again)."""
     while True:
-        n = int(rng.integers(1, 5))
+        n = int(rng.integers(1, max_shapes + 1))
         colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), n, replace=False)]
         shapes: list[Shape] = []
         for colour in colours:
@@ -138,12 +139,12 @@ def examples(n: int, seed: int) -> Iterator[Example]:
         yield picture[0]
 
 
-def quizzes(n: int, seed: int, questions: int) -> Iterator[list[Example]]:
+def quizzes(n: int, seed: int, questions: int, max_shapes: int = 4) -> Iterator[list[Example]]:
     """`n` pictures with up to `questions` different questions each (fewer when a picture allows fewer), the same
     for the same seed; one question a picture draws what `examples` draws."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        sc = scene(rng)
+        sc = scene(rng, max_shapes)
         asked: list[Example] = []
         for _ in range(4 * questions):  # a repeated question is drawn again, a few times at most
             question, answer, kind = ask(sc, rng)
@@ -154,7 +155,8 @@ def quizzes(n: int, seed: int, questions: int) -> Iterator[list[Example]]:
         yield asked
 
 
-def write(out: str | Path, n: int, seed: int, name: str = "shapes", questions: int = 1) -> Path:
+def write(out: str | Path, n: int, seed: int, name: str = "shapes", questions: int = 1, max_shapes: int = 4
+          ) -> Path:
     """`out/images/{name}-{i}.png`, `out/{name}.jsonl` (records with the answers as the assistant turns; `batch`
     reads them and answers the first question) and `out/{name}.tsv` (index, image_path, question, answer: a VQA file
     for `eval`, a row per question). `questions` > 1: each picture's conversation asks several questions, one turn
@@ -166,7 +168,7 @@ def write(out: str | Path, n: int, seed: int, name: str = "shapes", questions: i
         table = csv.writer(ft, delimiter="\t", lineterminator="\n")
         table.writerow(["index", "image_path", "question", "answer"])
         row = 0
-        for i, asked in enumerate(quizzes(n, seed, questions)):
+        for i, asked in enumerate(quizzes(n, seed, questions, max_shapes)):
             image = f"images/{name}-{i:05d}.png"
             draw(asked[0].scene).save(out / image, optimize=False)
             messages = []

@@ -30,8 +30,9 @@ class FinetuneOptions:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
         if self.warmup is None:
             object.__setattr__(self, "warmup", self.steps // 10)
-        if not 0 <= self.warmup <= self.steps:
-            raise ValueError(f"warmup (--warmup) must be between 0 and steps ({self.steps}), got {self.warmup}")
+        if not 0 <= self.warmup < self.steps:  # the cosine decay needs at least one update of its own
+            raise ValueError(f"warmup (--warmup) must be at least 0 and less than steps ({self.steps}), got "
+                             f"{self.warmup}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate (--learning-rate) must be > 0, got {self.learning_rate}")
         unknown = sorted(set(self.freeze) - set(FREEZABLE))

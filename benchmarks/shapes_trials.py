@@ -1,0 +1,158 @@
+"""Trials of the shapes recipe (docs/finetune.md, the table of runs): variants of `demo/shapes_model.py`, each a
+`finetune` run from random weights, scored per question kind on held-out pictures.
+
+    python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 3e-4 --steps 800 --pictures 6400
+    python benchmarks/shapes_trials.py WORK curriculum --max-shapes 1 --steps 300 --then 500
+    python benchmarks/shapes_trials.py WORK probe RUN/model   # does the colour answer move with the picture?
+
+WORK keeps the pictures and runs (a trial started again resumes its run). The held-out pictures are the
+recipe's (`HELDOUT`); training pictures use other seeds than the recipe's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.demo import shapes
+from internvl_jax.demo import shapes_model as M
+
+
+def accuracy(model_dir: Path, jsonl: Path, n: int = 300) -> tuple[float, dict[str, str]]:
+    """Greedy answers to the first `n` records' first question: (share right, right/asked per question kind)."""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()][:n]
+    prompts = []
+    for r in records:
+        user = r["messages"][:1]
+        user[0]["content"][0]["url"] = str(jsonl.parent / user[0]["content"][0]["url"])
+        x = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append({"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]})
+    outs = model.generate_many(prompts, max_new_tokens=3)
+    asked, right = collections.Counter(), collections.Counter()
+    for o, p, r in zip(outs, prompts, records, strict=True):
+        asked[r["kind"]] += 1
+        right[r["kind"]] += processor.decode(o[p["input_ids"].shape[1]:], skip_special_tokens=True) == r["answer"]
+    return sum(right.values()) / len(records), {k: f"{right[k]}/{asked[k]}" for k in asked}
+
+
+def heldout(work: Path) -> Path:
+    return shapes.write(work / "heldout", M.HELDOUT["n"], M.HELDOUT["seed"], name="heldout")
+
+
+def pictures(work: Path, n: int, seed: int, max_shapes: int = 4, questions: int = M.TRAIN["questions"]) -> Path:
+    """`n` pictures of at most `max_shapes` shapes with up to `questions` questions each (made once in WORK)."""
+    name = f"pictures-{n}-{seed}-{max_shapes}-{questions}"
+    if (work / name / f"{name}.jsonl").is_file():
+        return work / name / f"{name}.jsonl"
+    return shapes.write(work / name, n, seed, name=name, questions=questions, max_shapes=max_shapes)
+
+
+def initial(work: Path, tile: int, patch: int) -> Path:
+    """The recipe's random initial checkpoint with tiles of `tile` px cut in `patch` px patches (one tile a
+    picture when `tile` is not the picture's 448)."""
+    from internvl_jax.demo.random_model import write_checkpoint
+
+    def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
+        base = M.config(image_token_id, vocab_size)
+        return dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=tile, patch_size=patch))
+
+    out = work / f"init-{tile}-{patch}"
+    if not (out / "config.json").is_file():
+        write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
+                         max_patches=1 if tile != shapes.SIZE else 12)
+    return out
+
+
+def run(init: Path, train: Path, out: Path, steps: int, lr: float, held: Path, batch: int = M.OPTIONS.batch_size
+        ) -> Path:
+    from internvl_jax.training.finetune import finetune
+
+    opts = dataclasses.replace(M.OPTIONS, steps=steps, learning_rate=lr, save_every=200, warmup=min(50, steps - 1),
+                               batch_size=batch)
+    return finetune(init, train, out, opts, heldout=held, progress=False)
+
+
+def probe(model_dir: Path, work: Path) -> None:
+    """The probabilities of the six colours answering one "What colour is the ...?" asked of six one-shape
+    pictures: a model that reads the picture moves them with it."""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    jsonl = pictures(work, 300, 12, 1, questions=1)  # the curriculum's held-out pictures of one shape
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = [r for r in records if r["messages"][0]["content"][1]["text"].startswith("What colour")][:6]
+    rows = []
+    for r in records:
+        user = r["messages"][:1]
+        user[0]["content"][0]["url"] = str(jsonl.parent / user[0]["content"][0]["url"])
+        rows.append(processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True))
+    ids = rows[0]["input_ids"]  # one question for every picture
+    colours = list(shapes.COLOURS)
+    tokens = [processor.tokenizer.encode_batch([c], False)[0][0] for c in colours]
+    for r, x in zip(records, rows, strict=True):
+        logits = np.asarray(model(ids, x["pixel_values"], np.ones_like(ids)))[0, -1]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        print(f"picture's colour {r['messages'][1]['content'][0]['text']:<7}",
+              " ".join(f"{c} {p[t]:.3f}" for c, t in zip(colours, tokens, strict=True)))
+    a, b = (np.asarray(model.get_image_features(x["pixel_values"])) for x in rows[:2])
+    print(f"image features: std {a.std():.3f}, std of two pictures' difference {(a - b).std():.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("work", type=Path)
+    sub = p.add_subparsers(dest="trial", required=True)
+    t = sub.add_parser("tiles", help="the recipe with another tile and patch size")
+    t.add_argument("--tile", type=int, default=448)
+    t.add_argument("--patch", type=int, default=28)
+    t.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
+    t.add_argument("--steps", type=int, default=800)
+    t.add_argument("--pictures", type=int, default=6400)
+    t.add_argument("--questions", type=int, default=M.TRAIN["questions"],
+                   help="questions a training picture (turns of its conversation)")
+    t.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
+    c = sub.add_parser("curriculum", help="pictures of few shapes first, then the task's")
+    c.add_argument("--max-shapes", type=int, default=1)
+    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--then", type=int, default=500, help="updates on the task's pictures after the first stage")
+    c.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
+    b = sub.add_parser("probe", help="do a model's colour answers move with the picture?")
+    b.add_argument("model", type=Path)
+    args = p.parse_args()
+    work = args.work
+    if args.trial == "probe":
+        return probe(args.model, work)
+    held = heldout(work)
+    if args.trial == "tiles":
+        out = work / f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
+        train = pictures(work, args.pictures, 11, questions=args.questions)
+        model = run(initial(work, args.tile, args.patch), train, out, args.steps, args.lr, held, args.batch)
+        print(args.steps, "updates:", *accuracy(model, held))
+        return None
+    small = pictures(work, 3000, 11, args.max_shapes)
+    few = pictures(work, 300, 12, args.max_shapes, questions=1)  # held out: other seed
+    out = work / f"curriculum-{args.max_shapes}-{args.lr:g}"
+    first = run(initial(work, shapes.SIZE, 28), small, out / "stage1", args.steps, args.lr, few)
+    print(f"stage 1, {args.steps} updates, pictures of <= {args.max_shapes} shapes:", *accuracy(first, few))
+    print("stage 1 on the task's pictures:", *accuracy(first, held))
+    if args.then:
+        second = run(first, pictures(work, 6400, 13), out / "stage2", args.then, args.lr, held)
+        print(f"stage 2, {args.then} updates:", *accuracy(second, held))
+    return None
+
+
+if __name__ == "__main__":
+    main()
