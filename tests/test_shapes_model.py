@@ -110,3 +110,21 @@ def test_the_recipe_gives_the_same_bits_twice(tmp_path):
     before = internvl_jax.InternVL.from_pretrained(i0).params["vision"]["embeddings"]["patch_kernel"]
     after = internvl_jax.InternVL.from_pretrained(m0).params["vision"]["embeddings"]["patch_kernel"]
     assert not np.array_equal(np.asarray(before), np.asarray(after))  # two updates did train
+
+
+def test_a_smaller_tile_is_what_the_processor_cuts(tmp_path):
+    """`write_checkpoint` writes the processor files for the tower's image_size (the trials' 112 px tiles):
+    a 448 px picture becomes one 112 px tile of 16 image tokens (14 px patches, pixel shuffle 0.5)."""
+    def small(image_token_id: int, vocab_size: int):
+        base = M.config(image_token_id, vocab_size)
+        return dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=112, patch_size=14))
+
+    init = write_checkpoint(tmp_path / "init", small, M.INIT_SEED, force=False, max_new_tokens=4, words=M.words(),
+                            max_patches=1)
+    jsonl = shapes.write(tmp_path, 1, 7, name="q")
+    conversation = json.loads(jsonl.read_text())["messages"][:1]
+    conversation[0]["content"][0]["url"] = str(tmp_path / conversation[0]["content"][0]["url"])
+    x = InternVLProcessor.from_pretrained(init).apply_chat_template(conversation, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=True)
+    assert x["pixel_values"].shape == (1, 3, 112, 112)
+    assert (x["input_ids"] == InternVLProcessor.from_pretrained(init).image_token_ids[0]).sum() == 16
