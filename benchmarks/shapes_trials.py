@@ -33,9 +33,7 @@ def accuracy(model_dir: Path, jsonl: Path, n: int = 300) -> tuple[float, dict[st
     records = [json.loads(line) for line in jsonl.read_text().splitlines()][:n]
     prompts = []
     for r in records:
-        user = r["messages"][:1]
-        user[0]["content"][0]["url"] = str(jsonl.parent / user[0]["content"][0]["url"])
-        x = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+        x = M.first_question(processor, r, jsonl.parent)
         prompts.append({"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]})
     outs = model.generate_many(prompts, max_new_tokens=3)
     asked, right = collections.Counter(), collections.Counter()
@@ -94,10 +92,7 @@ def probe(model_dir: Path, work: Path) -> None:
     records = [r for r in records if r["messages"][0]["content"][1]["text"].startswith("What colour")][:6]
     rows = []
     for r in records:
-        user = r["messages"][:1]
-        user[0]["content"][0]["url"] = str(jsonl.parent / user[0]["content"][0]["url"])
-        rows.append(processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True))
+        rows.append(M.first_question(processor, r, jsonl.parent))
     ids = rows[0]["input_ids"]  # one question for every picture
     colours = list(shapes.COLOURS)
     tokens = [processor.tokenizer.encode_batch([c], False)[0][0] for c in colours]

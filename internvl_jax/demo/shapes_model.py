@@ -18,6 +18,7 @@ import hashlib
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.training.options import FinetuneOptions
@@ -73,6 +74,14 @@ def build(out: str | Path, work: str | Path, progress: bool = True) -> Path:
     return export_converted(model, out, force=True)
 
 
+def first_question(processor: Any, record: dict, root: Path) -> dict:
+    """A shapes record's first question with its picture (a path relative to `root`), as the processor gives it
+    with the generation prompt: what the held-out accuracy asks."""
+    user = record["messages"][:1]
+    user[0]["content"][0]["url"] = str(root / user[0]["content"][0]["url"])
+    return processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+
+
 def heldout_accuracy(model_dir: str, quant: str = "", kv_cache: str = "", n: int = 500) -> float:
     """Greedy answers to the first `n` questions of the shapes held-out set, exact match."""
     import json
@@ -92,9 +101,7 @@ def heldout_accuracy(model_dir: str, quant: str = "", kv_cache: str = "", n: int
         records = [json.loads(line) for line in Path(jsonl).read_text().splitlines()]
         prompts = []
         for r in records:
-            user = r["messages"][:1]
-            user[0]["content"][0]["url"] = str(Path(tmp) / user[0]["content"][0]["url"])
-            x = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+            x = first_question(processor, r, Path(tmp))
             prompts.append({"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]})
     outs = model.generate_many(prompts, max_new_tokens=MAX_NEW_TOKENS)
     answers = [processor.decode(o[p["input_ids"].shape[1]:], skip_special_tokens=True)
