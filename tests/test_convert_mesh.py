@@ -1,4 +1,4 @@
-"""Sharded safetensors input, and converted checkpoints restored onto 1, 2 and 8 (virtual CPU) devices.
+"""Sharded safetensors input, and converted checkpoints restored onto 1 and 8 (virtual CPU) devices.
 
 The multi-device part runs in a subprocess: `--xla_force_host_platform_device_count` must be set before jax
 starts, and the rest of the suite keeps its single device.
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-MESHES = {"1": (1, "data=1"), "2": (2, "tensor=2"), "8": (8, "fsdp=2,tensor=4")}
+# 8 devices split weights over both fsdp and tensor (a 2-device tensor mesh adds a compile, not a case).
+MESHES = {"1": (1, "data=1"), "8": (8, "fsdp=2,tensor=4")}
 
 
 def _worker(converted: str, source: str, out: str) -> None:
@@ -49,7 +50,7 @@ def _worker(converted: str, source: str, out: str) -> None:
     (Path(out) / "report.json").write_text(json.dumps(report))
 
 
-def test_sharded_input_and_restore_on_1_2_8_devices(tmp_path):
+def test_sharded_input_and_restore_on_1_and_8_devices(tmp_path):
     from convert import convert
     from internvl_jax import InternVL
     from internvl_jax import weights as W
@@ -82,16 +83,15 @@ def test_sharded_input_and_restore_on_1_2_8_devices(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
 
     report = json.loads((out / "report.json").read_text())
-    assert [report[n]["devices"] for n in MESHES] == [1, 2, 8]
+    assert [report[n]["devices"] for n in MESHES] == [1, 8]
     assert not report["1"]["split"]
-    assert "text/layers/gate/kernel" in report["2"]["split"] and "text/embedding" in report["8"]["split"]
+    assert {"text/layers/gate/kernel", "text/embedding"} <= set(report["8"]["split"])
 
     expected = tm.torch_logits(ref, ids, px)
     logits = {n: np.load(out / f"logits_{n}.npy") for n in MESHES}
     for n in MESHES:
         close(logits[n], expected)
     close(logits["8"], logits["1"])
-    close(logits["2"], logits["1"])
 
     # Converted on 8 devices, restored here on 1; both inputs (-hf and original, sharded) give the same params.
     p1, p8, po = (W.flatten_paths(InternVL.from_pretrained(tmp_path / d).params) for d in

@@ -46,7 +46,8 @@ def test_logits_and_loss_split_over_data_and_vocabulary(results, mesh, width, sp
     r = results[mesh]
     assert (r["logits_width"], r["logits_spec"]) == (width, spec)
     assert r["padding_is_min"]
-    assert r["loss_err"] <= 1e-4 * max(1.0, results["ref_max"])
+    if mesh in results["loss_meshes"]:  # mesh_worker.LOSS_MESHES: where the vocabulary is split
+        assert r["loss_err"] <= 1e-4 * max(1.0, results["ref_max"])
     if mesh in results["grad_meshes"]:  # mesh_worker.GRAD_MESHES: the costly ones
         assert r["grad_err"] <= 1e-4  # jax.grad through `loss` on the mesh (jax.set_mesh would refuse to be traced)
 
