@@ -4,6 +4,9 @@
     python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 3e-4 --steps 800 --pictures 6400
     python benchmarks/shapes_trials.py WORK curriculum --max-shapes 1 --steps 300 --then 500
     python benchmarks/shapes_trials.py WORK probe RUN/model   # does the colour answer move with the picture?
+    python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 1e-3 --steps 300 --questions 1 \
+        --batch 32 --max-shapes 1 --only colour [--layer-scale 1]   # one shape, colour questions only
+    python benchmarks/shapes_trials.py WORK squares --side 0.25 --tile 112 --patch 14 --steps 200
 
 WORK keeps the pictures and runs (a trial started again resumes its run). The held-out pictures are the
 recipe's (`HELDOUT`); training pictures use other seeds than the recipe's.
@@ -55,16 +58,26 @@ def pictures(work: Path, n: int, seed: int, max_shapes: int = 4, questions: int 
     return shapes.write(work / name, n, seed, name=name, questions=questions, max_shapes=max_shapes)
 
 
-def initial(work: Path, tile: int, patch: int) -> Path:
+def only(jsonl: Path, kind: str) -> Path:
+    """The records of `jsonl` whose (first) question is of `kind` ("all": every record), next to it."""
+    if kind == "all":
+        return jsonl
+    out = jsonl.with_name(f"{jsonl.stem}-only-{kind}.jsonl")
+    out.write_text("".join(ln + "\n" for ln in jsonl.read_text().splitlines() if json.loads(ln)["kind"] == kind))
+    return out
+
+
+def initial(work: Path, tile: int, patch: int, layer_scale: float = 0.1) -> Path:
     """The recipe's random initial checkpoint with tiles of `tile` px cut in `patch` px patches (one tile a
-    picture when `tile` is not the picture's 448)."""
+    picture when `tile` is not the picture's 448) and InternViT's layer scale starting at `layer_scale`."""
     from internvl_jax.demo.random_model import write_checkpoint
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         base = M.config(image_token_id, vocab_size)
-        return dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=tile, patch_size=patch))
+        return dataclasses.replace(base, vision=dataclasses.replace(
+            base.vision, image_size=tile, patch_size=patch, layer_scale_init_value=layer_scale))
 
-    out = work / f"init-{tile}-{patch}"
+    out = work / (f"init-{tile}-{patch}" + ("" if layer_scale == 0.1 else f"-ls{layer_scale:g}"))
     if not (out / "config.json").is_file():
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if tile != shapes.SIZE else 12)
@@ -78,6 +91,31 @@ def run(init: Path, train: Path, out: Path, steps: int, lr: float, held: Path, b
     opts = dataclasses.replace(M.OPTIONS, steps=steps, learning_rate=lr, save_every=200, warmup=min(50, steps - 1),
                                batch_size=batch)
     return finetune(init, train, out, opts, heldout=held, progress=False)
+
+
+def squares(work: Path, n: int, seed: int, side: float) -> Path:
+    """`n` pictures of one square of a task colour, `side` x 448 px, at a random place on white, each asked
+    "What colour is the square?": how large must a thing be for the recipe to find it?"""
+    from PIL import Image
+
+    out = work / f"squares-{side:g}-{n}-{seed}"
+    jsonl = out / f"{out.name}.jsonl"
+    if jsonl.is_file():
+        return jsonl
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng, px, lines = np.random.default_rng(seed), round(side * shapes.SIZE), []
+    for i in range(n):
+        colour = list(shapes.COLOURS)[int(rng.integers(len(shapes.COLOURS)))]
+        x, y = (int(v) for v in rng.integers(0, shapes.SIZE - px + 1, 2))
+        picture = Image.new("RGB", (shapes.SIZE, shapes.SIZE), shapes.GROUNDS[0])
+        picture.paste(shapes.COLOURS[colour], (x, y, x + px, y + px))
+        picture.save(out / "images" / f"{i:05d}.png")
+        user = [{"type": "image", "url": f"images/{i:05d}.png"}, {"type": "text", "text": "What colour is the square?"}]
+        answer = [{"type": "text", "text": colour}]
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        lines.append(json.dumps({"id": i, "messages": turns, "answer": colour, "kind": "colour"}))
+    jsonl.write_text("".join(ln + "\n" for ln in lines))
+    return jsonl
 
 
 def probe(model_dir: Path, work: Path) -> None:
@@ -119,6 +157,16 @@ def main() -> None:
     t.add_argument("--questions", type=int, default=M.TRAIN["questions"],
                    help="questions a training picture (turns of its conversation)")
     t.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
+    t.add_argument("--max-shapes", type=int, default=4)
+    t.add_argument("--only", default="all", choices=["all", *shapes.QUESTION_KINDS],
+                   help="train and score on pictures whose question is of this kind")
+    t.add_argument("--layer-scale", type=float, default=0.1, help="InternViT's layer_scale_init_value")
+    q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
+    q.add_argument("--side", type=float, default=0.25, help="the square's side, a fraction of the picture's")
+    q.add_argument("--tile", type=int, default=112)
+    q.add_argument("--patch", type=int, default=14)
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--lr", type=float, default=1e-3)
     c = sub.add_parser("curriculum", help="pictures of few shapes first, then the task's")
     c.add_argument("--max-shapes", type=int, default=1)
     c.add_argument("--steps", type=int, default=300)
@@ -130,11 +178,22 @@ def main() -> None:
     work = args.work
     if args.trial == "probe":
         return probe(args.model, work)
+    if args.trial == "squares":
+        train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
+        out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}"
+        model = run(initial(work, args.tile, args.patch), train, out, args.steps, args.lr, held, batch=32)
+        print(args.steps, "updates:", *accuracy(model, held, n=200))
+        return None
     held = heldout(work)
     if args.trial == "tiles":
-        out = work / f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
-        train = pictures(work, args.pictures, 11, questions=args.questions)
-        model = run(initial(work, args.tile, args.patch), train, out, args.steps, args.lr, held, args.batch)
+        out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
+                      + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
+                      + ("" if args.layer_scale == 0.1 else f"-ls{args.layer_scale:g}"))
+        train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
+        if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
+            held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
+        init = initial(work, args.tile, args.patch, args.layer_scale)
+        model = run(init, train, out, args.steps, args.lr, held, args.batch)
         print(args.steps, "updates:", *accuracy(model, held))
         return None
     small = pictures(work, 3000, 11, args.max_shapes)
