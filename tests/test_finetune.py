@@ -72,6 +72,16 @@ def test_turn_boundaries_without_reprocessing_images(setup):
     assert processor.decode(ex.ids[ex.labels != F.IGNORE]) == "3<|im_end|>\ntwo<|im_end|>\n"
 
 
+def test_rows_pad_at_most_a_quarter_with_few_lengths():
+    """A row of n tokens pads to at most max(16, 1.25 n) (a power of two padded 65 to 128), and a doubling of the
+    length holds at most four row lengths (each a compiled step)."""
+    lengths = [F.row_length(n) for n in range(1, 4097)]
+    assert all(n <= t <= max(16, 1.25 * n) for n, t in enumerate(lengths, 1))
+    assert F.row_length(85) == 96 and F.row_length(65) == 80
+    for k in range(4, 12):
+        assert len({t for t in lengths if 2**k < t <= 2 ** (k + 1)}) <= 4
+
+
 def test_pixels_past_the_memory_budget_are_made_per_batch(setup, monkeypatch):
     _, ckpt, train, _ = setup
     processor = InternVLProcessor.from_pretrained(ckpt)
