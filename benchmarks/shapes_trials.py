@@ -7,6 +7,8 @@
     python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 1e-3 --steps 300 --questions 1 \
         --batch 32 --max-shapes 1 --only colour [--layer-scale 1]   # one shape, colour questions only
     python benchmarks/shapes_trials.py WORK squares --side 0.25 --tile 112 --patch 14 --steps 200
+    python benchmarks/shapes_trials.py WORK curriculum --tile 112 --patch 14 --questions 1 --batch 32 --lr 1e-3 \
+        --layer-scale 1 --steps 300 --then 1200   # one-shape pictures (learnt at layer scale 1), then the task's
 
 WORK keeps the pictures and runs (a trial started again resumes its run). The held-out pictures are the
 recipe's (`HELDOUT`); training pictures use other seeds than the recipe's.
@@ -172,6 +174,11 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=300)
     c.add_argument("--then", type=int, default=500, help="updates on the task's pictures after the first stage")
     c.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
+    c.add_argument("--tile", type=int, default=shapes.SIZE)
+    c.add_argument("--patch", type=int, default=28)
+    c.add_argument("--questions", type=int, default=M.TRAIN["questions"], help="questions a training picture")
+    c.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
+    c.add_argument("--layer-scale", type=float, default=0.1, help="InternViT's layer_scale_init_value")
     b = sub.add_parser("probe", help="do a model's colour answers move with the picture?")
     b.add_argument("model", type=Path)
     args = p.parse_args()
@@ -196,14 +203,19 @@ def main() -> None:
         model = run(init, train, out, args.steps, args.lr, held, args.batch)
         print(args.steps, "updates:", *accuracy(model, held))
         return None
-    small = pictures(work, 3000, 11, args.max_shapes)
+    small = pictures(work, 3000, 11, args.max_shapes, args.questions)
     few = pictures(work, 300, 12, args.max_shapes, questions=1)  # held out: other seed
-    out = work / f"curriculum-{args.max_shapes}-{args.lr:g}"
-    first = run(initial(work, shapes.SIZE, 28), small, out / "stage1", args.steps, args.lr, few)
+    variant = (args.tile, args.patch, args.questions, args.batch, args.layer_scale)
+    out = work / (f"curriculum-{args.max_shapes}-{args.lr:g}" + (
+        "" if variant == (shapes.SIZE, 28, M.TRAIN["questions"], M.OPTIONS.batch_size, 0.1) else
+        f"-{args.tile}-{args.patch}-q{args.questions}-b{args.batch}-ls{args.layer_scale:g}"))
+    init = initial(work, args.tile, args.patch, args.layer_scale)
+    first = run(init, small, out / "stage1", args.steps, args.lr, few, args.batch)
     print(f"stage 1, {args.steps} updates, pictures of <= {args.max_shapes} shapes:", *accuracy(first, few))
     print("stage 1 on the task's pictures:", *accuracy(first, held))
     if args.then:
-        second = run(first, pictures(work, 6400, 13), out / "stage2", args.then, args.lr, held)
+        second = run(first, pictures(work, 6400, 13, questions=args.questions), out / "stage2", args.then, args.lr,
+                     held, args.batch)
         print(f"stage 2, {args.then} updates:", *accuracy(second, held))
     return None
 
