@@ -40,18 +40,3 @@ def _ctrl_c_as_python_sets_it(request):
         warnings.warn(f"{request.node.nodeid} left SIGINT handled by {signal.getsignal(signal.SIGINT)!r}",
                       stacklevel=1)
 
-
-# Seconds each file took in the default run (fresh-clone `.ci/run` on the 2-core machine, 2026-12-02). The two
-# xdist workers take whole files (--dist loadfile: module fixtures are built once), so a heavy file handed out
-# last keeps one worker busy after the other has finished: the files go out heaviest first (and pyproject's
-# --no-loadscope-reorder stops xdist from reordering them by their number of tests). A stale figure only costs
-# balance, never a result.
-SECONDS = {"test_runners.py": 263, "test_slots.py": 145, "test_convert.py": 126, "test_sharding.py": 123,
-           "test_parity_command.py": 104, "test_front_doors.py": 104, "test_model_parity.py": 97,
-           "test_engine.py": 83, "test_destinations.py": 76, "test_processor_parity.py": 73, "test_quant.py": 62,
-           "test_bench.py": 60, "test_shapes_model.py": 59, "test_convert_mesh.py": 49, "test_attention.py": 38,
-           "test_kernels.py": 35}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -SECONDS.get(item.path.name, 0))  # stable: a file's tests keep their order
