@@ -69,7 +69,11 @@ def only(jsonl: Path, kind: str) -> Path:
     return out
 
 
-def initial(work: Path, tile: int, patch: int, layer_scale: float = 0.1) -> Path:
+# InternViT's layer_scale_init_value in the recipe (transformers' default): the trials name other values.
+LAYER_SCALE = M.config(0, 1).vision.layer_scale_init_value
+
+
+def initial(work: Path, tile: int, patch: int, layer_scale: float = LAYER_SCALE) -> Path:
     """The recipe's random initial checkpoint with tiles of `tile` px cut in `patch` px patches (one tile a
     picture when `tile` is not the picture's 448) and InternViT's layer scale starting at `layer_scale`."""
     from internvl_jax.demo.random_model import write_checkpoint
@@ -79,7 +83,7 @@ def initial(work: Path, tile: int, patch: int, layer_scale: float = 0.1) -> Path
         return dataclasses.replace(base, vision=dataclasses.replace(
             base.vision, image_size=tile, patch_size=patch, layer_scale_init_value=layer_scale))
 
-    out = work / (f"init-{tile}-{patch}" + ("" if layer_scale == 0.1 else f"-ls{layer_scale:g}"))
+    out = work / (f"init-{tile}-{patch}" + ("" if layer_scale == LAYER_SCALE else f"-ls{layer_scale:g}"))
     if not (out / "config.json").is_file():
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if tile != shapes.SIZE else 12)
@@ -146,13 +150,19 @@ def probe(model_dir: Path, work: Path) -> None:
     print(f"image features: std {a.std():.3f}, std of two pictures' difference {(a - b).std():.3f}")
 
 
+def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> None:
+    """The initial checkpoint's variant: tile and patch size, and where InternViT's layer scale starts."""
+    parser.add_argument("--tile", type=int, default=tile)
+    parser.add_argument("--patch", type=int, default=patch)
+    parser.add_argument("--layer-scale", type=float, default=LAYER_SCALE, help="InternViT's layer_scale_init_value")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("work", type=Path)
     sub = p.add_subparsers(dest="trial", required=True)
     t = sub.add_parser("tiles", help="the recipe with another tile and patch size")
-    t.add_argument("--tile", type=int, default=448)
-    t.add_argument("--patch", type=int, default=28)
+    model_options(t, shapes.SIZE, 28)
     t.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
     t.add_argument("--steps", type=int, default=800)
     t.add_argument("--pictures", type=int, default=6400)
@@ -162,11 +172,9 @@ def main() -> None:
     t.add_argument("--max-shapes", type=int, default=4)
     t.add_argument("--only", default="all", choices=["all", *shapes.QUESTION_KINDS],
                    help="train and score on pictures whose question is of this kind")
-    t.add_argument("--layer-scale", type=float, default=0.1, help="InternViT's layer_scale_init_value")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
     q.add_argument("--side", type=float, default=0.25, help="the square's side, a fraction of the picture's")
-    q.add_argument("--tile", type=int, default=112)
-    q.add_argument("--patch", type=int, default=14)
+    model_options(q, 112, 14)
     q.add_argument("--steps", type=int, default=200)
     q.add_argument("--lr", type=float, default=1e-3)
     c = sub.add_parser("curriculum", help="pictures of few shapes first, then the task's")
@@ -174,11 +182,9 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=300)
     c.add_argument("--then", type=int, default=500, help="updates on the task's pictures after the first stage")
     c.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
-    c.add_argument("--tile", type=int, default=shapes.SIZE)
-    c.add_argument("--patch", type=int, default=28)
+    model_options(c, shapes.SIZE, 28)
     c.add_argument("--questions", type=int, default=M.TRAIN["questions"], help="questions a training picture")
     c.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
-    c.add_argument("--layer-scale", type=float, default=0.1, help="InternViT's layer_scale_init_value")
     b = sub.add_parser("probe", help="do a model's colour answers move with the picture?")
     b.add_argument("model", type=Path)
     args = p.parse_args()
@@ -187,15 +193,17 @@ def main() -> None:
         return probe(args.model, work)
     if args.trial == "squares":
         train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
-        out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}"
-        model = run(initial(work, args.tile, args.patch), train, out, args.steps, args.lr, held, batch=32)
+        out = work / (f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}"
+                      + ("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}"))
+        init = initial(work, args.tile, args.patch, args.layer_scale)
+        model = run(init, train, out, args.steps, args.lr, held, batch=32)
         print(args.steps, "updates:", *accuracy(model, held, n=200))
         return None
     held = heldout(work)
     if args.trial == "tiles":
         out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
-                      + ("" if args.layer_scale == 0.1 else f"-ls{args.layer_scale:g}"))
+                      + ("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}"))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
         if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
@@ -207,7 +215,7 @@ def main() -> None:
     few = pictures(work, 300, 12, args.max_shapes, questions=1)  # held out: other seed
     variant = (args.tile, args.patch, args.questions, args.batch, args.layer_scale)
     out = work / (f"curriculum-{args.max_shapes}-{args.lr:g}" + (
-        "" if variant == (shapes.SIZE, 28, M.TRAIN["questions"], M.OPTIONS.batch_size, 0.1) else
+        "" if variant == (shapes.SIZE, 28, M.TRAIN["questions"], M.OPTIONS.batch_size, LAYER_SCALE) else
         f"-{args.tile}-{args.patch}-q{args.questions}-b{args.batch}-ls{args.layer_scale:g}"))
     init = initial(work, args.tile, args.patch, args.layer_scale)
     first = run(init, small, out / "stage1", args.steps, args.lr, few, args.batch)
