@@ -32,6 +32,8 @@ GRAD_MESHES = ("2x4",)
 # checks the logits' layout when the data axis does not divide the rows.
 LOSS_MESHES = ("1x8", "2x4")
 GENERATE_MESHES = ("1x8", "2x4")  # generation (the sharded cache, the decode program) where heads are split
+# The compiled forward's memory and gathers: the unsplit mesh and the two that split weights most.
+FORWARD_MESHES = ("1x1", "1x8", "2x4")
 
 
 def main(out: str) -> None:
@@ -64,9 +66,8 @@ def main(out: str) -> None:
         model = InternVL.from_pretrained(path, mesh=mesh)
         forward = model(ids, px, mask)
         logits, vocab = np.asarray(forward), model.config.text.vocab_size
-        # the compiled forward's memory and gathers, read for the unsplit mesh and the two that split weights most
         program, compiled_forward = (compiled.forward_program(model.config, mesh, batch=4, length=256, tiles=2)
-                                     if name in ("1x1", "1x8", "2x4") else (None, None))
+                                     if name in FORWARD_MESHES else (None, None))
         tokens = model.generate(ids, px, mask, max_new_tokens=12) if name in GENERATE_MESHES else None
         axes = logical_axes(model.config)
         flat = W.flatten_paths(model.params)
