@@ -73,20 +73,28 @@ def only(jsonl: Path, kind: str) -> Path:
 LAYER_SCALE = M.config(0, 1).vision.layer_scale_init_value
 
 
-def initial(work: Path, tile: int, patch: int, layer_scale: float = LAYER_SCALE) -> Path:
-    """The recipe's random initial checkpoint with tiles of `tile` px cut in `patch` px patches (one tile a
-    picture when `tile` is not the picture's 448) and InternViT's layer scale starting at `layer_scale`."""
+def suffix(args: argparse.Namespace) -> str:
+    """The part of a run's (and its initial checkpoint's) name that names the initial weights' variant."""
+    return (("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}")
+            + ("" if args.init == "normal" else f"-{args.init}"))
+
+
+def initial(work: Path, args: argparse.Namespace) -> Path:
+    """The recipe's random initial checkpoint with tiles of `args.tile` px cut in `args.patch` px patches (one
+    tile a picture when the tile is not the picture's 448), InternViT's layer scale starting at
+    `args.layer_scale`, and `args.init` "fan-in": `shapes_model.fan_in_scaled` weights."""
     from internvl_jax.demo.random_model import write_checkpoint
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         base = M.config(image_token_id, vocab_size)
         return dataclasses.replace(base, vision=dataclasses.replace(
-            base.vision, image_size=tile, patch_size=patch, layer_scale_init_value=layer_scale))
+            base.vision, image_size=args.tile, patch_size=args.patch, layer_scale_init_value=args.layer_scale))
 
-    out = work / (f"init-{tile}-{patch}" + ("" if layer_scale == LAYER_SCALE else f"-ls{layer_scale:g}"))
+    out = work / f"init-{args.tile}-{args.patch}{suffix(args)}"
     if not (out / "config.json").is_file():
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
-                         max_patches=1 if tile != shapes.SIZE else 12)
+                         max_patches=1 if args.tile != shapes.SIZE else 12,
+                         adjust=M.fan_in_scaled if args.init == "fan-in" else None)
     return out
 
 
@@ -155,6 +163,8 @@ def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> Non
     parser.add_argument("--tile", type=int, default=tile)
     parser.add_argument("--patch", type=int, default=patch)
     parser.add_argument("--layer-scale", type=float, default=LAYER_SCALE, help="InternViT's layer_scale_init_value")
+    parser.add_argument("--init", default="normal", choices=["normal", "fan-in"],
+                        help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled)")
 
 
 def main() -> None:
@@ -193,9 +203,8 @@ def main() -> None:
         return probe(args.model, work)
     if args.trial == "squares":
         train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
-        out = work / (f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}"
-                      + ("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}"))
-        init = initial(work, args.tile, args.patch, args.layer_scale)
+        out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}{suffix(args)}"
+        init = initial(work, args)
         model = run(init, train, out, args.steps, args.lr, held, batch=32)
         print(args.steps, "updates:", *accuracy(model, held, n=200))
         return None
@@ -203,21 +212,22 @@ def main() -> None:
     if args.trial == "tiles":
         out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
-                      + ("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}"))
+                      + suffix(args))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
         if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
-        init = initial(work, args.tile, args.patch, args.layer_scale)
+        init = initial(work, args)
         model = run(init, train, out, args.steps, args.lr, held, args.batch)
         print(args.steps, "updates:", *accuracy(model, held))
         return None
     small = pictures(work, 3000, 11, args.max_shapes, args.questions)
     few = pictures(work, 300, 12, args.max_shapes, questions=1)  # held out: other seed
-    variant = (args.tile, args.patch, args.questions, args.batch, args.layer_scale)
+    variant = (args.tile, args.patch, args.questions, args.batch, args.layer_scale, args.init)
     out = work / (f"curriculum-{args.max_shapes}-{args.lr:g}" + (
-        "" if variant == (shapes.SIZE, 28, M.TRAIN["questions"], M.OPTIONS.batch_size, LAYER_SCALE) else
-        f"-{args.tile}-{args.patch}-q{args.questions}-b{args.batch}-ls{args.layer_scale:g}"))
-    init = initial(work, args.tile, args.patch, args.layer_scale)
+        "" if variant == (shapes.SIZE, 28, M.TRAIN["questions"], M.OPTIONS.batch_size, LAYER_SCALE, "normal") else
+        f"-{args.tile}-{args.patch}-q{args.questions}-b{args.batch}-ls{args.layer_scale:g}"
+        + ("" if args.init == "normal" else f"-{args.init}")))
+    init = initial(work, args)
     first = run(init, small, out / "stage1", args.steps, args.lr, few, args.batch)
     print(f"stage 1, {args.steps} updates, pictures of <= {args.max_shapes} shapes:", *accuracy(first, few))
     print("stage 1 on the task's pictures:", *accuracy(first, held))

@@ -465,6 +465,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Slow: two more processes that start JAX and compile; tests/test_multihost.py joins two processes by
+# jax.distributed in every default run (one sharded generate).
+@pytest.mark.slow
 def test_two_jax_distributed_processes(ckpt, prompts, reference, tmp_path, compile_cache):
     out = tmp_path / "results.jsonl"
     port = free_port()

@@ -90,7 +90,8 @@ def test_sampling_is_the_requests_own(model):
     first = {c.id: c.tokens for c in engine(model).run(reqs)}
     greedy = [Request(id=f"g{i}", ids=r.ids, pixels=r.pixels, sampling=SamplingConfig(max_new_tokens=12))
               for i, r in enumerate(requests(2, 3))]
-    mixed = {c.id: c.tokens for c in engine(model, slots=2).run([greedy[0], *reqs[::-1], *greedy[1:]])}
+    # The same engine shape (no new programs to compile), other neighbours in other slots.
+    mixed = {c.id: c.tokens for c in engine(model).run([greedy[0], *reqs[::-1], *greedy[1:]])}
     for r in reqs:
         assert list(first[r.id]) == alone(model, r), r.id
         assert mixed[r.id] == first[r.id], r.id

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -77,15 +76,16 @@ def demo_config(image_token_id: int, vocab_size: int) -> InternVLConfig:
 VISIBLE_BYTES = b" abcdefghijklmnopqrstuvwxyz"
 
 
-def visible_only_head(lm_head: jax.Array) -> jax.Array:
+def visible_only(params: dict) -> dict:
     """Zero the lm_head columns ([hidden, vocab]) of every token outside `VISIBLE_BYTES` and scale the others
     up: the other logits are 0 and the visible ones have a standard deviation of about 4 (random ones about
     0.2), so greedy decoding picks a visible byte (the largest of 27 random logits is negative with odds
     2**-27), and so does sampling at temperature 1, mostly. The end token is never chosen: answers
     run to max_new_tokens."""
+    lm_head = params["text"]["lm_head"]
     keep = np.zeros(lm_head.shape[1], dtype=bool)
     keep[list(VISIBLE_BYTES)] = True
-    return jnp.where(jnp.asarray(keep)[None, :], lm_head * 20, 0)
+    return dict(params, text=dict(params["text"], lm_head=jnp.where(jnp.asarray(keep)[None, :], lm_head * 20, 0)))
 
 
 def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) -> Path:
@@ -94,14 +94,14 @@ def make_demo_checkpoint(out: str | Path, seed: int = 0, force: bool = False) ->
     from internvl_jax.checkpoint import check_destination
 
     check_destination(out, force)  # before the model is built: a refusal should not take seconds
-    return write_checkpoint(out, demo_config, seed, force=force, max_new_tokens=32, head=visible_only_head)
+    return write_checkpoint(out, demo_config, seed, force=force, max_new_tokens=32, adjust=visible_only)
 
 
 def write_checkpoint(out: str | Path, make_config: Callable[[int, int], InternVLConfig], seed: int, force: bool,
-                     max_new_tokens: int, head: Callable[[jax.Array], jax.Array] | None = None,
+                     max_new_tokens: int, adjust: Callable[[dict], dict] | None = None,
                      words: Sequence[str] = (), max_patches: int = 12) -> Path:
     """A random-weight -hf checkpoint with a byte-level tokenizer (`byte_tokenizer(words)`):
-    `make_config(image_token_id, vocab_size)` gives its widths, `head` (if any) rewrites the initial lm_head;
+    `make_config(image_token_id, vocab_size)` gives its widths, `adjust` (if any) rewrites the initial parameters;
     the processor cuts pictures into tiles of the vision tower's image_size, at most `max_patches` of them."""
     from internvl_jax.export import export_model
     from internvl_jax.modeling import InternVL
@@ -111,8 +111,8 @@ def write_checkpoint(out: str | Path, make_config: Callable[[int, int], InternVL
     # Room for the <video> token the processor adds after the last added token.
     config = make_config(ids["<IMG_CONTEXT>"], max(ids.values()) + 2)
     model = InternVL.from_config(config, seed=seed)
-    if head is not None:
-        model.params["text"]["lm_head"] = head(model.params["text"]["lm_head"])
+    if adjust is not None:
+        model.params = adjust(model.params)
     with tempfile.TemporaryDirectory() as side:
         files.write_processor_files(Path(side), tokenizer_json, added, image_seq_length=config.image_seq_length,
                                     tile=config.vision.image_size, max_patches=max_patches)

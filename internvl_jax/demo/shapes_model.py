@@ -15,6 +15,7 @@ bits for the same program and inputs on one kind of CPU; another kind may round 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -55,6 +56,26 @@ def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         image_token_id=image_token_id,
         tie_word_embeddings=False,
     )
+
+
+def fan_in_scaled(params: dict) -> dict:
+    """The random initial weights with every kernel's standard deviation 1/sqrt(fan in) instead of 0.02, and the
+    text embedding's 1: the initializer of a large model (0.02 is about 1/sqrt(2500)) leaves each block of a
+    96-128 wide one adding a few percent to its residual stream, a tower that is little more than its patch
+    embedding until training has grown every kernel several times over."""
+    from internvl_jax import weights as W
+
+    def scaled(path: str, x):
+        name = path.rsplit("/", 2)[-2] if path.endswith("/kernel") else path.rsplit("/", 1)[-1]
+        if path == "text/embedding":
+            return x / 0.02
+        if not (path.endswith("/kernel") or name in ("patch_kernel", "lm_head")):
+            return x
+        dims = x.shape[1:] if "/layers/" in path else x.shape  # scanned layers: the first axis is the layer
+        fan_in = math.prod(dims[:-2] if name in ("q", "k", "v") else dims[:-1])  # q/k/v end in [heads, head_dim]
+        return x / (0.02 * math.sqrt(fan_in))
+
+    return W.unflatten_paths({p: scaled(p, x) for p, x in W.flatten_paths(params).items()})
 
 
 def build(out: str | Path, work: str | Path, progress: bool = True) -> Path:
