@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def suffix(args: argparse.Namespace) -> str:
 def initial(work: Path, args: argparse.Namespace) -> Path:
     """The recipe's random initial checkpoint with tiles of `args.tile` px cut in `args.patch` px patches (one
     tile a picture when the tile is not the picture's 448), InternViT's layer scale starting at
-    `args.layer_scale`, and `args.init` "fan-in": `shapes_model.fan_in_scaled` weights."""
+    `args.layer_scale`, and `args.init` "fan-in" / "fan-in-pos": `shapes_model.fan_in_scaled` weights."""
     from internvl_jax.demo.random_model import write_checkpoint
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
@@ -94,7 +95,8 @@ def initial(work: Path, args: argparse.Namespace) -> Path:
     if not (out / "config.json").is_file():
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if args.tile != shapes.SIZE else 12,
-                         adjust=M.fan_in_scaled if args.init == "fan-in" else None)
+                         adjust=None if args.init == "normal" else functools.partial(
+                             M.fan_in_scaled, positions=args.init == "fan-in-pos"))
     return out
 
 
@@ -163,8 +165,9 @@ def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> Non
     parser.add_argument("--tile", type=int, default=tile)
     parser.add_argument("--patch", type=int, default=patch)
     parser.add_argument("--layer-scale", type=float, default=LAYER_SCALE, help="InternViT's layer_scale_init_value")
-    parser.add_argument("--init", default="normal", choices=["normal", "fan-in"],
-                        help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled)")
+    parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos"],
+                        help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
+                             "fan-in-pos: and the tower's position embedding's 1")
 
 
 def main() -> None:

@@ -58,16 +58,18 @@ def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
     )
 
 
-def fan_in_scaled(params: dict) -> dict:
+def fan_in_scaled(params: dict, positions: bool = False) -> dict:
     """The random initial weights with every kernel's standard deviation 1/sqrt(fan in) instead of 0.02, and the
     text embedding's 1: the initializer of a large model (0.02 is about 1/sqrt(2500)) leaves each block of a
     96-128 wide one adding a few percent to its residual stream, a tower that is little more than its patch
-    embedding until training has grown every kernel several times over."""
+    embedding until training has grown every kernel several times over. With `positions`, the tower's position
+    embedding's standard deviation is 1 too, as large as a patch's embedding: at 0.02 the tower cannot tell where
+    a patch is until training has grown them."""
     from internvl_jax import weights as W
 
     def scaled(path: str, x):
         name = path.rsplit("/", 2)[-2] if path.endswith("/kernel") else path.rsplit("/", 1)[-1]
-        if path == "text/embedding":
+        if path == "text/embedding" or (positions and path == "vision/embeddings/position_embedding"):
             return x / 0.02
         if not (path.endswith("/kernel") or name in ("patch_kernel", "lm_head")):
             return x
