@@ -9,6 +9,8 @@
     python benchmarks/shapes_trials.py WORK squares --side 0.25 --tile 112 --patch 14 --steps 200
     python benchmarks/shapes_trials.py WORK curriculum --tile 112 --patch 14 --questions 1 --batch 32 --lr 1e-3 \
         --layer-scale 1 --steps 300 --then 1200   # one-shape pictures (learnt at layer scale 1), then the task's
+    python benchmarks/shapes_trials.py WORK tiles --lr 5e-4 --steps 2400 --questions 4 --batch 8 --layer-scale 1 \
+        --init fan-in   # 448 px tiles, kernels of std 1/sqrt(fan in): the best so far (69%)
 
 WORK keeps the pictures and runs (a trial started again resumes its run). The held-out pictures are the
 recipe's (`HELDOUT`); training pictures use other seeds than the recipe's.

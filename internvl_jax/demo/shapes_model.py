@@ -7,7 +7,9 @@ merges make each word of the task one token, and the -hf chat template. It start
 everything from the task, by `internvl-jax finetune` (`training/finetune.py`) and nothing else.
 
 Not shipped yet: within the budget of about half an hour on 2 cores this recipe does not get past the answers'
-prior (about 35-40% of held-out questions right; runs and figures in docs/finetune.md). Once a recipe reaches
+prior (about 35-40% of held-out questions right). Trials with its initial weights rescaled (`fan_in_scaled`),
+InternViT's layer scale starting at 1 and four questions a picture reach 69% (runs and figures in
+docs/finetune.md); the recipe changes when one of them, run in full, reaches 95%. Once a recipe reaches
 95%, its result goes to `SHIPPED` and `main` compares a rebuild with it byte for byte (XLA:CPU gives the same
 bits for the same program and inputs on one kind of CPU; another kind may round differently).
 """
