@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 def test_bench_against_torch_writes_every_figure(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "BANDWIDTH_BYTES", 1 << 22)
     out = tmp_path / "out"
-    assert cli.main(["bench", "--preset", str(tiny), "--batch", "1", "2", "--new-tokens", "3", "--repeat", "2",
+    assert cli.main(["bench", "--preset", str(tiny), "--batch", "1", "--new-tokens", "3", "--repeat", "2",
                      "--compare-torch", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["layers"] == tm.TEXT["num_hidden_layers"]
@@ -36,14 +36,14 @@ def test_bench_against_torch_writes_every_figure(tiny, tmp_path, monkeypatch, ca
                    *r["decode_tokens_per_s"].values(), r["decode_b1_fraction_of_bandwidth_bound"],
                    r["vision_fraction_of_flops"], r["prefill_fraction_of_flops"], r["peak_host_bytes"]]
         assert all(math.isfinite(x) and x > 0 for x in figures), (name, r)
-        assert sorted(r["decode_tokens_per_s"]) == ["1", "2"]
+        assert sorted(r["decode_tokens_per_s"]) == ["1"]
         assert len(r["decode_b1_fraction_per_round"]) == 2
         assert r["peak_device_bytes"] is None  # CPU: host memory is the device memory
     assert report["results"]["jax"]["ttft_cold_s"] > report["results"]["jax"]["ttft_warm_s"]  # compilation
-    assert set(report["ratios_jax_over_torch"]) == {"vision_tiles_per_s", "prefill_speed", "decode_b1", "decode_b2"}
+    assert set(report["ratios_jax_over_torch"]) == {"vision_tiles_per_s", "prefill_speed", "decode_b1"}
     assert Image.open(out / "decode.png").size == (720, 440)
     table = capsys.readouterr().out
-    assert "| decode tok/s, batch 2 |" in table and "jax/torch" in table
+    assert "| decode tok/s, batch 1 |" in table and "jax/torch" in table
     assert torch.is_grad_enabled()  # torch runs under no_grad, not with grad switched off for the process
 
 

@@ -104,11 +104,17 @@ def cli(*args, check=True):
     return proc
 
 
-def test_cli_generate_json_stream_and_errors(ckpt, media):
+def test_cli_generate_json_stream_and_errors(ckpt, media, capsys):
+    """`--json` and `--stream` in this process (one set of compiled programs); the errors through the entry
+    point (test_demo_checkpoint_runs_offline runs `generate` in a process of its own)."""
+    from internvl_jax.cli import main
+
     directory, ref = ckpt
     image = str(media / "wide.png")
-    out = json.loads(cli("generate", "--model", str(directory), "--image", image, "--max-new-tokens", "10",
-                         "--json", "What is this?").stdout)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(directory), "--image", image, "--max-new-tokens", "10", "--json",
+                 "What is this?"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"text", "token_ids", "timings"} and len(out["token_ids"]) <= 10
     processor = InternVLProcessor.from_pretrained(directory)
     inputs = processor.apply_chat_template(conversations(media)["image"][:1], add_generation_prompt=True,
@@ -117,8 +123,9 @@ def test_cli_generate_json_stream_and_errors(ckpt, media):
     expected = torch_generate(ref, inputs, 10)[0, inputs["input_ids"].shape[1]:]
     expected = [int(t) for t in expected if t != PAD]
     assert out["token_ids"][: len(expected)] == expected
-    streamed = cli("generate", "--model", str(directory), "--image", image, "--max-new-tokens", "10", "--stream",
-                   "What is this?").stdout
+    assert main(["generate", "--model", str(directory), "--image", image, "--max-new-tokens", "10", "--stream",
+                 "What is this?"]) == 0
+    streamed = capsys.readouterr().out
     assert streamed.strip() == out["text"].strip()
     missing = cli("generate", "--model", str(directory), "--image", str(media / "nope.png"), "hi", check=False)
     assert missing.returncode == 2 and "nope.png" in missing.stderr and "Traceback" not in missing.stderr
