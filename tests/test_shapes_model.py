@@ -127,3 +127,27 @@ def test_a_smaller_tile_is_what_the_processor_cuts(tmp_path):
                                                                      tokenize=True, return_dict=True)
     assert x["pixel_values"].shape == (1, 3, 112, 112)
     assert (x["input_ids"] == InternVLProcessor.from_pretrained(init).image_token_ids[0]).sum() == 16
+
+
+def test_fan_in_scaled_gives_each_kernel_one_over_root_fan_in():
+    """The trials' initial weights (`--init fan-in[-pos]`): q/k/v read the width, o reads heads x head_dim, the
+    MLPs and the projector their first axis after the layer axis, the patch embedding 3 x 28 x 28 pixels."""
+    from internvl_jax import weights as W
+    from internvl_jax.model.params import random_params
+
+    cfg = M.config(5, 300)
+    before = W.flatten_paths(random_params(cfg))
+    for positions in (False, True):
+        after = W.flatten_paths(M.fan_in_scaled(random_params(cfg), positions=positions))
+        t, v = cfg.text, cfg.vision
+        want = {"text/layers/q/kernel": t.hidden_size, "text/layers/o/kernel": t.num_heads * t.head_dim,
+                "text/layers/down/kernel": t.intermediate_size, "vision/layers/k/kernel": v.hidden_size,
+                "vision/layers/fc2/kernel": v.intermediate_size, "projector/fc1/kernel": 4 * v.hidden_size,
+                "vision/embeddings/patch_kernel": 3 * v.patch_size ** 2, "text/lm_head": t.hidden_size}
+        for path, fan_in in want.items():
+            assert np.std(after[path]) == pytest.approx(fan_in ** -0.5, rel=0.1), path
+        assert np.std(after["text/embedding"]) == pytest.approx(1.0, rel=0.1)
+        pos = np.std(after["vision/embeddings/position_embedding"])
+        assert pos == pytest.approx(1.0 if positions else 0.02, rel=0.1)
+        for path in ("text/layers/attn_norm/scale", "vision/layers/ls1", "vision/layers/q/bias"):
+            np.testing.assert_array_equal(after[path], before[path])
