@@ -72,6 +72,7 @@ def only(jsonl: Path, kind: str) -> Path:
     return out
 
 
+PICTURES = 6400  # training pictures of a `tiles` trial (runs with another number are named by it)
 # InternViT's layer_scale_init_value in the recipe (transformers' default): the trials name other values.
 LAYER_SCALE = M.config(0, 1).vision.layer_scale_init_value
 
@@ -180,7 +181,7 @@ def main() -> None:
     model_options(t, shapes.SIZE, 28)
     t.add_argument("--lr", type=float, default=M.OPTIONS.learning_rate)
     t.add_argument("--steps", type=int, default=800)
-    t.add_argument("--pictures", type=int, default=6400)
+    t.add_argument("--pictures", type=int, default=PICTURES)
     t.add_argument("--questions", type=int, default=M.TRAIN["questions"],
                    help="questions a training picture (turns of its conversation)")
     t.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
@@ -217,7 +218,7 @@ def main() -> None:
     if args.trial == "tiles":
         out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
-                      + suffix(args))
+                      + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
         if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
