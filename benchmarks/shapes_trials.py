@@ -4,6 +4,8 @@
     python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 3e-4 --steps 800 --pictures 6400
     python benchmarks/shapes_trials.py WORK curriculum --max-shapes 1 --steps 300 --then 500
     python benchmarks/shapes_trials.py WORK probe RUN/model   # does the colour answer move with the picture?
+    python benchmarks/shapes_trials.py WORK shapes RUN/model  # its shape answers: confusion, by side and count
+    python benchmarks/shapes_trials.py WORK edges RUN/model   # do the tokens over a shape's edge tell its kind?
     python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 1e-3 --steps 300 --questions 1 \
         --batch 32 --max-shapes 1 --only colour [--layer-scale 1]   # one shape, colour questions only
     python benchmarks/shapes_trials.py WORK squares --side 0.25 --tile 112 --patch 14 --steps 200
@@ -11,6 +13,8 @@
         --layer-scale 1 --steps 300 --then 1200   # one-shape pictures (learnt at layer scale 1), then the task's
     python benchmarks/shapes_trials.py WORK tiles --lr 5e-4 --steps 2400 --questions 4 --batch 8 --layer-scale 1 \
         --init fan-in   # 448 px tiles, kernels of std 1/sqrt(fan in): the best so far (69%)
+    python benchmarks/shapes_trials.py WORK tiles --lr 1e-3 --steps 600 --questions 1 --batch 16 --max-shapes 1 \
+        --only shape --layer-scale 1 --init fan-in   # naming one shape at 448 px: 97%; then --start RUN/model
 
 WORK keeps the pictures and runs (a trial started again resumes its run). The held-out pictures are the
 recipe's (`HELDOUT`); training pictures use other seeds than the recipe's.
@@ -23,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -79,27 +84,33 @@ LAYER_SCALE = M.config(0, 1).vision.layer_scale_init_value
 
 def suffix(args: argparse.Namespace) -> str:
     """The part of a run's (and its initial checkpoint's) name that names the initial weights' variant."""
+    v = M.config(0, 1).vision
     return (("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}")
-            + ("" if args.init == "normal" else f"-{args.init}"))
+            + ("" if args.init == "normal" else f"-{args.init}")
+            + ("" if (args.width, args.layers) == (v.hidden_size, v.num_layers) else f"-v{args.width}x{args.layers}"))
 
 
 def initial(work: Path, args: argparse.Namespace) -> Path:
     """The recipe's random initial checkpoint with tiles of `args.tile` px cut in `args.patch` px patches (one
     tile a picture when the tile is not the picture's 448), InternViT's layer scale starting at
-    `args.layer_scale`, and `args.init` "fan-in" / "fan-in-pos": `shapes_model.fan_in_scaled` weights."""
+    `args.layer_scale`, a tower `args.width` wide and `args.layers` deep, and `args.init` "fan-in" / "fan-in-pos"
+    / "fan-in-grid": `shapes_model.fan_in_scaled` weights."""
     from internvl_jax.demo.random_model import write_checkpoint
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         base = M.config(image_token_id, vocab_size)
         return dataclasses.replace(base, vision=dataclasses.replace(
-            base.vision, image_size=args.tile, patch_size=args.patch, layer_scale_init_value=args.layer_scale))
+            base.vision, image_size=args.tile, patch_size=args.patch, layer_scale_init_value=args.layer_scale,
+            hidden_size=args.width, num_layers=args.layers, intermediate_size=4 * args.width,
+            num_heads=args.width // 24))
 
     out = work / f"init-{args.tile}-{args.patch}{suffix(args)}"
     if not (out / "config.json").is_file():
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if args.tile != shapes.SIZE else 12,
                          adjust=None if args.init == "normal" else functools.partial(
-                             M.fan_in_scaled, positions=args.init == "fan-in-pos"))
+                             M.fan_in_scaled, positions={"fan-in": None, "fan-in-pos": "random",
+                                                         "fan-in-grid": "grid"}[args.init]))
     return out
 
 
@@ -163,14 +174,77 @@ def probe(model_dir: Path, work: Path) -> None:
     print(f"image features: std {a.std():.3f}, std of two pictures' difference {(a - b).std():.3f}")
 
 
+def shape_answers(model_dir: Path, work: Path, n: int = 120) -> None:
+    """What a model answers to the held-out set's first `n` "What shape is {colour}?" questions: the confusion of
+    kinds, and the share right by the shape's side and by the number of shapes in the picture."""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    jsonl = heldout(work)
+    records = [r for r in map(json.loads, jsonl.read_text().splitlines()) if r["kind"] == "shape"][:n]
+    scenes = [q[0].scene for q in shapes.quizzes(M.HELDOUT["n"], M.HELDOUT["seed"], 1)]  # what `heldout` drew
+    prompts = [M.first_question(processor, r, jsonl.parent) for r in records]
+    outs = model.generate_many([{"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]} for x in prompts],
+                               max_new_tokens=3)
+    confusion, by_side, by_count = collections.Counter(), collections.defaultdict(list), collections.defaultdict(list)
+    for o, x, r in zip(outs, prompts, records, strict=True):
+        said = processor.decode(o[x["input_ids"].shape[1]:], skip_special_tokens=True)
+        colour = r["messages"][0]["content"][1]["text"].removeprefix("What shape is ").removesuffix("?")
+        sc = scenes[r["id"]]
+        confusion[r["answer"], said] += 1
+        by_side[next(s.side for s in sc.shapes if s.colour == colour) // 20 * 20].append(said == r["answer"])
+        by_count[len(sc.shapes)].append(said == r["answer"])
+    print("asked -> answered:", ", ".join(f"{a} -> {b}: {c}" for (a, b), c in sorted(confusion.items())))
+    for name, table in (("side from", by_side), ("shapes in the picture", by_count)):
+        print(f"right by {name}:", ", ".join(f"{k}: {np.mean(v):.2f} of {len(v)}" for k, v in sorted(table.items())))
+
+
+def edges(model_dir: Path, n: int = 800) -> None:
+    """A linear probe of the image tokens the decoder reads: on `n` fresh one-shape pictures, the tokens whose cell
+    the shape covers in part (10-90%: its edges and corners), each labelled with the shape's kind; ridge regression
+    fitted on the tokens of the first three quarters of the pictures, scored on the rest (per token, and per
+    picture by the mean of its tokens' scores). Chance is a third: can a token tell what its edge belongs to?"""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(5)
+    scenes = [shapes.scene(rng, 1) for _ in range(n)]
+    feats, kinds, picture = [], [], []
+    for sc_i, sc in enumerate(scenes):
+        rgb = shapes.draw(sc)
+        x = processor(text=processor.image_token, images=[rgb])
+        f = np.asarray(model.get_image_features(x["pixel_values"]))[0]  # [tokens, width]
+        side = math.isqrt(f.shape[0])
+        cell = shapes.SIZE // side
+        covered = (np.asarray(rgb) != np.array(sc.ground)).any(-1).reshape(side, cell, side, cell).mean((1, 3))
+        for t in np.nonzero(((covered > 0.1) & (covered < 0.9)).reshape(-1))[0]:
+            feats.append(f[t]), kinds.append(shapes.KINDS.index(sc.shapes[0].kind)), picture.append(sc_i)
+    x, y, g = np.array(feats), np.array(kinds), np.array(picture)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    fit = g < n * 3 // 4
+    w = np.linalg.solve(x[fit].T @ x[fit] + 10.0 * np.eye(x.shape[1]), x[fit].T @ np.eye(3)[y[fit]])
+    score = x @ w
+    held = sorted(set(g[~fit]))
+    per_picture = np.mean([score[g == i].mean(0).argmax() == y[g == i][0] for i in held])
+    print(f"edge tokens' kind, linear probe: fitted tokens {np.mean(score[fit].argmax(1) == y[fit]):.2f}, held-out "
+          f"tokens {np.mean(score[~fit].argmax(1) == y[~fit]):.2f}, held-out pictures {per_picture:.2f} "
+          f"({fit.sum()} / {(~fit).sum()} tokens)")
+
+
 def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> None:
     """The initial checkpoint's variant: tile and patch size, and where InternViT's layer scale starts."""
     parser.add_argument("--tile", type=int, default=tile)
     parser.add_argument("--patch", type=int, default=patch)
     parser.add_argument("--layer-scale", type=float, default=LAYER_SCALE, help="InternViT's layer_scale_init_value")
-    parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos"],
+    v = M.config(0, 1).vision
+    parser.add_argument("--width", type=int, default=v.hidden_size, help="the tower's width (heads of 24)")
+    parser.add_argument("--layers", type=int, default=v.num_layers, help="the tower's layers")
+    parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos", "fan-in-grid"],
                         help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
-                             "fan-in-pos: and the tower's position embedding's 1")
+                             "fan-in-pos: and the tower's position embedding's 1, "
+                             "fan-in-grid: and a 2-D sine grid for it")
 
 
 def main() -> None:
@@ -188,6 +262,8 @@ def main() -> None:
     t.add_argument("--max-shapes", type=int, default=4)
     t.add_argument("--only", default="all", choices=["all", *shapes.QUESTION_KINDS],
                    help="train and score on pictures whose question is of this kind")
+    t.add_argument("--start", type=Path, help="train on from this model (another trial's RUN/model) instead of the "
+                   "initial weights: a curriculum's second stage")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
     q.add_argument("--side", type=float, default=0.25, help="the square's side, a fraction of the picture's")
     model_options(q, 112, 14)
@@ -203,10 +279,18 @@ def main() -> None:
     c.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
     b = sub.add_parser("probe", help="do a model's colour answers move with the picture?")
     b.add_argument("model", type=Path)
+    a = sub.add_parser("shapes", help="a model's answers to shape questions (confusion, by side and by count)")
+    a.add_argument("model", type=Path)
+    e = sub.add_parser("edges", help="linear probe: do the image tokens over a shape's edge tell its kind?")
+    e.add_argument("model", type=Path)
     args = p.parse_args()
     work = args.work
     if args.trial == "probe":
         return probe(args.model, work)
+    if args.trial == "shapes":
+        return shape_answers(args.model, work)
+    if args.trial == "edges":
+        return edges(args.model)
     if args.trial == "squares":
         train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
         out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}{suffix(args)}"
@@ -218,11 +302,12 @@ def main() -> None:
     if args.trial == "tiles":
         out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
-                      + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args))
+                      + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args)
+                      + ("" if args.start is None else f"-from-{args.start.parent.name}"))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
         if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
-        init = initial(work, args)
+        init = initial(work, args) if args.start is None else args.start
         model = run(init, train, out, args.steps, args.lr, held, args.batch)
         print(args.steps, "updates:", *accuracy(model, held))
         return None

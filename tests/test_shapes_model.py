@@ -130,14 +130,14 @@ def test_a_smaller_tile_is_what_the_processor_cuts(tmp_path):
 
 
 def test_fan_in_scaled_gives_each_kernel_one_over_root_fan_in():
-    """The trials' initial weights (`--init fan-in[-pos]`): q/k/v read the width, o reads heads x head_dim, the
-    MLPs and the projector their first axis after the layer axis, the patch embedding 3 x 28 x 28 pixels."""
+    """The trials' initial weights (`--init fan-in[-pos|-grid]`): q/k/v read the width, o reads heads x head_dim,
+    the MLPs and the projector their first axis after the layer axis, the patch embedding 3 x 28 x 28 pixels."""
     from internvl_jax import weights as W
     from internvl_jax.model.params import random_params
 
     cfg = M.config(5, 300)
     before = W.flatten_paths(random_params(cfg))
-    for positions in (False, True):
+    for positions in (None, "random", "grid"):
         after = W.flatten_paths(M.fan_in_scaled(random_params(cfg), positions=positions))
         t, v = cfg.text, cfg.vision
         want = {"text/layers/q/kernel": t.hidden_size, "text/layers/o/kernel": t.num_heads * t.head_dim,
@@ -147,7 +147,12 @@ def test_fan_in_scaled_gives_each_kernel_one_over_root_fan_in():
         for path, fan_in in want.items():
             assert np.std(after[path]) == pytest.approx(fan_in ** -0.5, rel=0.1), path
         assert np.std(after["text/embedding"]) == pytest.approx(1.0, rel=0.1)
-        pos = np.std(after["vision/embeddings/position_embedding"])
-        assert pos == pytest.approx(1.0 if positions else 0.02, rel=0.1)
+        pos = after["vision/embeddings/position_embedding"]
+        assert np.std(pos[1:]) == pytest.approx(1.0 if positions else 0.02, rel=0.1)
+        if positions == "grid":  # neighbours alike, far patches not; the class token's row zero
+            grid = v.image_size // v.patch_size
+            near, far = (np.corrcoef(pos[1 + 5 * grid + 5], pos[1 + j])[0, 1] for j in (5 * grid + 6, 15 * grid))
+            assert near > 0.3 > far, (near, far)
+            np.testing.assert_array_equal(pos[0], 0)
         for path in ("text/layers/attn_norm/scale", "vision/layers/ls1", "vision/layers/q/bias"):
             np.testing.assert_array_equal(after[path], before[path])
