@@ -87,19 +87,23 @@ def suffix(args: argparse.Namespace) -> str:
     v = M.config(0, 1).vision
     return (("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}")
             + ("" if args.init == "normal" else f"-{args.init}")
-            + ("" if (args.width, args.layers) == (v.hidden_size, v.num_layers) else f"-v{args.width}x{args.layers}"))
+            + ("" if (args.width, args.layers) == (v.hidden_size, v.num_layers) else f"-v{args.width}x{args.layers}")
+            + ("" if args.text_width == M.config(0, 1).text.hidden_size else f"-t{args.text_width}"))
 
 
 def initial(work: Path, args: argparse.Namespace) -> Path:
     """The recipe's random initial checkpoint with tiles of `args.tile` px cut in `args.patch` px patches (one
     tile a picture when the tile is not the picture's 448), InternViT's layer scale starting at
-    `args.layer_scale`, a tower `args.width` wide and `args.layers` deep, and `args.init` "fan-in" / "fan-in-pos"
-    / "fan-in-grid": `shapes_model.fan_in_scaled` weights."""
+    `args.layer_scale`, a tower `args.width` wide and `args.layers` deep, a decoder `args.text_width` wide, and
+    `args.init` "fan-in" / "fan-in-pos" / "fan-in-grid": `shapes_model.fan_in_scaled` weights."""
     from internvl_jax.demo.random_model import write_checkpoint
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         base = M.config(image_token_id, vocab_size)
-        return dataclasses.replace(base, vision=dataclasses.replace(
+        heads = args.text_width // base.text.head_dim
+        text = dataclasses.replace(base.text, hidden_size=args.text_width, num_heads=heads,
+                                   num_kv_heads=heads // 2, intermediate_size=3 * args.text_width)
+        return dataclasses.replace(base, text=text, vision=dataclasses.replace(
             base.vision, image_size=args.tile, patch_size=args.patch, layer_scale_init_value=args.layer_scale,
             hidden_size=args.width, num_layers=args.layers, intermediate_size=4 * args.width,
             num_heads=args.width // 24))
@@ -200,37 +204,48 @@ def shape_answers(model_dir: Path, work: Path, n: int = 120) -> None:
         print(f"right by {name}:", ", ".join(f"{k}: {np.mean(v):.2f} of {len(v)}" for k, v in sorted(table.items())))
 
 
-def edges(model_dir: Path, n: int = 800) -> None:
-    """A linear probe of the image tokens the decoder reads: on `n` fresh one-shape pictures, the tokens whose cell
-    the shape covers in part (10-90%: its edges and corners), each labelled with the shape's kind; ridge regression
-    fitted on the tokens of the first three quarters of the pictures, scored on the rest (per token, and per
-    picture by the mean of its tokens' scores). Chance is a third: can a token tell what its edge belongs to?"""
+def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
+    """A linear probe of the image tokens the decoder reads: on `n` fresh pictures of 1 to `max_shapes` shapes, the
+    tokens whose cell one shape covers in part (10-90%: its edges and corners) and no other touches, each labelled
+    with that shape's kind; ridge regression fitted on the tokens of the first three quarters of the pictures,
+    scored on the rest (per token, and per shape by the mean of its tokens' scores). Chance is a third: can a
+    token tell what its edge belongs to? With several shapes a picture, only features of the token's own shape
+    (not of the picture's shapes together) tell it."""
     import internvl_jax
 
     model = internvl_jax.InternVL.from_pretrained(model_dir)
     processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
     rng = np.random.default_rng(5)
-    scenes = [shapes.scene(rng, 1) for _ in range(n)]
-    feats, kinds, picture = [], [], []
-    for sc_i, sc in enumerate(scenes):
-        rgb = shapes.draw(sc)
-        x = processor(text=processor.image_token, images=[rgb])
+    feats, kinds, owner = [], [], []
+    for sc_i in range(n):
+        sc = shapes.scene(rng, max_shapes)
+        x = processor(text=processor.image_token, images=[shapes.draw(sc)])
         f = np.asarray(model.get_image_features(x["pixel_values"]))[0]  # [tokens, width]
         side = math.isqrt(f.shape[0])
         cell = shapes.SIZE // side
-        covered = (np.asarray(rgb) != np.array(sc.ground)).any(-1).reshape(side, cell, side, cell).mean((1, 3))
-        for t in np.nonzero(((covered > 0.1) & (covered < 0.9)).reshape(-1))[0]:
-            feats.append(f[t]), kinds.append(shapes.KINDS.index(sc.shapes[0].kind)), picture.append(sc_i)
-    x, y, g = np.array(feats), np.array(kinds), np.array(picture)
+        covers = []
+        for s in sc.shapes:  # each shape drawn alone: the share of each token's cell it covers
+            alone = shapes.draw(shapes.Scene(sc.ground, (s,)))
+            mask = (np.asarray(alone) != np.array(sc.ground)).any(-1)
+            covers.append(mask.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1))
+        covers = np.array(covers)
+        for j, s in enumerate(sc.shapes):
+            others = np.delete(covers, j, axis=0).sum(0) if len(sc.shapes) > 1 else np.zeros(side * side)
+            for t in np.nonzero((covers[j] > 0.1) & (covers[j] < 0.9) & (others == 0))[0]:
+                feats.append(f[t]), kinds.append(shapes.KINDS.index(s.kind)), owner.append((sc_i, j))
+    x, y = np.array(feats), np.array(kinds)
+    picture = np.array([o[0] for o in owner])
+    shape_id = np.array([o[0] * 8 + o[1] for o in owner])
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    fit = g < n * 3 // 4
+    fit = picture < n * 3 // 4
     w = np.linalg.solve(x[fit].T @ x[fit] + 10.0 * np.eye(x.shape[1]), x[fit].T @ np.eye(3)[y[fit]])
     score = x @ w
-    held = sorted(set(g[~fit]))
-    per_picture = np.mean([score[g == i].mean(0).argmax() == y[g == i][0] for i in held])
-    print(f"edge tokens' kind, linear probe: fitted tokens {np.mean(score[fit].argmax(1) == y[fit]):.2f}, held-out "
-          f"tokens {np.mean(score[~fit].argmax(1) == y[~fit]):.2f}, held-out pictures {per_picture:.2f} "
-          f"({fit.sum()} / {(~fit).sum()} tokens)")
+    held = sorted(set(shape_id[~fit]))
+    per_shape = np.mean([score[shape_id == i].mean(0).argmax() == y[shape_id == i][0] for i in held])
+    right = score.argmax(1) == y
+    print(f"edge tokens' kind, linear probe, pictures of 1-{max_shapes} shapes: fitted tokens {right[fit].mean():.2f}, "
+          f"held-out tokens {right[~fit].mean():.2f}, held-out shapes {per_shape:.2f} ({fit.sum()} / {(~fit).sum()} "
+          "tokens)")
 
 
 def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> None:
@@ -241,6 +256,8 @@ def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> Non
     v = M.config(0, 1).vision
     parser.add_argument("--width", type=int, default=v.hidden_size, help="the tower's width (heads of 24)")
     parser.add_argument("--layers", type=int, default=v.num_layers, help="the tower's layers")
+    parser.add_argument("--text-width", type=int, default=M.config(0, 1).text.hidden_size,
+                        help="the decoder's width (heads of 32, half as many key/value heads, MLP 3x)")
     parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos", "fan-in-grid"],
                         help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
                              "fan-in-pos: and the tower's position embedding's 1, "
@@ -283,6 +300,7 @@ def main() -> None:
     a.add_argument("model", type=Path)
     e = sub.add_parser("edges", help="linear probe: do the image tokens over a shape's edge tell its kind?")
     e.add_argument("model", type=Path)
+    e.add_argument("--max-shapes", type=int, default=1, help="shapes a picture: 1 to this many")
     args = p.parse_args()
     work = args.work
     if args.trial == "probe":
@@ -290,7 +308,7 @@ def main() -> None:
     if args.trial == "shapes":
         return shape_answers(args.model, work)
     if args.trial == "edges":
-        return edges(args.model)
+        return edges(args.model, max_shapes=args.max_shapes)
     if args.trial == "squares":
         train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
         out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}{suffix(args)}"
