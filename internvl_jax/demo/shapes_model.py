@@ -89,7 +89,7 @@ def fan_in_scaled(params: dict, positions: str | None = None) -> dict:
 def grid_positions(shape: tuple[int, ...]) -> Any:
     """A position embedding of `shape` (1 + grid x grid rows: the class token's, then the patches' row by row,
     width d) whose patch rows are sines and cosines of the patch's row and column at d/4 periods each (2 patches to
-    twice the grid), of standard deviation 1 (the class token's row is zero): patches near each other start with
+    four times the grid), of standard deviation 1 (the class token's row is zero): patches near each other start with
     similar embeddings, so attention can look at a patch's neighbours from the first update instead of learning
     where each patch is."""
     import numpy as np
