@@ -37,22 +37,28 @@ from internvl_jax.demo import shapes
 from internvl_jax.demo import shapes_model as M
 
 
-def accuracy(model_dir: Path, jsonl: Path, n: int = 300) -> tuple[float, dict[str, str]]:
-    """Greedy answers to the first `n` records' first question: (share right, right/asked per question kind)."""
+def answers(model_dir: Path, records: list[dict], root: Path) -> list[str]:
+    """A model's greedy answers to the records' first questions (pictures relative to `root`)."""
     import internvl_jax
 
     model = internvl_jax.InternVL.from_pretrained(model_dir)
     processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()][:n]
     prompts = []
     for r in records:
-        x = M.first_question(processor, r, jsonl.parent)
+        x = M.first_question(processor, r, root)
         prompts.append({"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]})
     outs = model.generate_many(prompts, max_new_tokens=3)
+    return [processor.decode(o[p["input_ids"].shape[1]:], skip_special_tokens=True)
+            for o, p in zip(outs, prompts, strict=True)]
+
+
+def accuracy(model_dir: Path, jsonl: Path, n: int = 300) -> tuple[float, dict[str, str]]:
+    """Greedy answers to the first `n` records' first question: (share right, right/asked per question kind)."""
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()][:n]
     asked, right = collections.Counter(), collections.Counter()
-    for o, p, r in zip(outs, prompts, records, strict=True):
+    for said, r in zip(answers(model_dir, records, jsonl.parent), records, strict=True):
         asked[r["kind"]] += 1
-        right[r["kind"]] += processor.decode(o[p["input_ids"].shape[1]:], skip_special_tokens=True) == r["answer"]
+        right[r["kind"]] += said == r["answer"]
     return sum(right.values()) / len(records), {k: f"{right[k]}/{asked[k]}" for k in asked}
 
 
@@ -79,16 +85,17 @@ def only(jsonl: Path, kind: str) -> Path:
 
 PICTURES = 6400  # training pictures of a `tiles` trial (runs with another number are named by it)
 # InternViT's layer_scale_init_value in the recipe (transformers' default): the trials name other values.
-LAYER_SCALE = M.config(0, 1).vision.layer_scale_init_value
+RECIPE = M.config(0, 1)  # the recipe's widths: the trials' defaults
+LAYER_SCALE = RECIPE.vision.layer_scale_init_value
 
 
 def suffix(args: argparse.Namespace) -> str:
     """The part of a run's (and its initial checkpoint's) name that names the initial weights' variant."""
-    v = M.config(0, 1).vision
+    v = RECIPE.vision
     return (("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}")
             + ("" if args.init == "normal" else f"-{args.init}")
             + ("" if (args.width, args.layers) == (v.hidden_size, v.num_layers) else f"-v{args.width}x{args.layers}")
-            + ("" if args.text_width == M.config(0, 1).text.hidden_size else f"-t{args.text_width}"))
+            + ("" if args.text_width == RECIPE.text.hidden_size else f"-t{args.text_width}"))
 
 
 def initial(work: Path, args: argparse.Namespace) -> Path:
@@ -181,19 +188,11 @@ def probe(model_dir: Path, work: Path) -> None:
 def shape_answers(model_dir: Path, work: Path, n: int = 120) -> None:
     """What a model answers to the held-out set's first `n` "What shape is {colour}?" questions: the confusion of
     kinds, and the share right by the shape's side and by the number of shapes in the picture."""
-    import internvl_jax
-
-    model = internvl_jax.InternVL.from_pretrained(model_dir)
-    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
     jsonl = heldout(work)
     records = [r for r in map(json.loads, jsonl.read_text().splitlines()) if r["kind"] == "shape"][:n]
     scenes = [q[0].scene for q in shapes.quizzes(M.HELDOUT["n"], M.HELDOUT["seed"], 1)]  # what `heldout` drew
-    prompts = [M.first_question(processor, r, jsonl.parent) for r in records]
-    outs = model.generate_many([{"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]} for x in prompts],
-                               max_new_tokens=3)
     confusion, by_side, by_count = collections.Counter(), collections.defaultdict(list), collections.defaultdict(list)
-    for o, x, r in zip(outs, prompts, records, strict=True):
-        said = processor.decode(o[x["input_ids"].shape[1]:], skip_special_tokens=True)
+    for said, r in zip(answers(model_dir, records, jsonl.parent), records, strict=True):
         colour = r["messages"][0]["content"][1]["text"].removeprefix("What shape is ").removesuffix("?")
         sc = scenes[r["id"]]
         confusion[r["answer"], said] += 1
@@ -216,7 +215,7 @@ def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
     model = internvl_jax.InternVL.from_pretrained(model_dir)
     processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
     rng = np.random.default_rng(5)
-    feats, kinds, owner = [], [], []
+    feats, kinds, picture, shape_id = [], [], [], []
     for sc_i in range(n):
         sc = shapes.scene(rng, max_shapes)
         x = processor(text=processor.image_token, images=[shapes.draw(sc)])
@@ -230,12 +229,11 @@ def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
             covers.append(mask.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1))
         covers = np.array(covers)
         for j, s in enumerate(sc.shapes):
-            others = np.delete(covers, j, axis=0).sum(0) if len(sc.shapes) > 1 else np.zeros(side * side)
+            others = np.delete(covers, j, axis=0).sum(0)
             for t in np.nonzero((covers[j] > 0.1) & (covers[j] < 0.9) & (others == 0))[0]:
-                feats.append(f[t]), kinds.append(shapes.KINDS.index(s.kind)), owner.append((sc_i, j))
-    x, y = np.array(feats), np.array(kinds)
-    picture = np.array([o[0] for o in owner])
-    shape_id = np.array([o[0] * 8 + o[1] for o in owner])
+                feats.append(f[t]), kinds.append(shapes.KINDS.index(s.kind))
+                picture.append(sc_i), shape_id.append(sc_i * len(shapes.COLOURS) + j)  # j < colours a picture
+    x, y, picture, shape_id = np.array(feats), np.array(kinds), np.array(picture), np.array(shape_id)
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     fit = picture < n * 3 // 4
     w = np.linalg.solve(x[fit].T @ x[fit] + 10.0 * np.eye(x.shape[1]), x[fit].T @ np.eye(3)[y[fit]])
@@ -249,14 +247,14 @@ def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
 
 
 def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> None:
-    """The initial checkpoint's variant: tile and patch size, and where InternViT's layer scale starts."""
+    """The initial checkpoint's variant: tile and patch size, where InternViT's layer scale starts, the tower's and
+    the decoder's widths, and the initial weights' scale."""
     parser.add_argument("--tile", type=int, default=tile)
     parser.add_argument("--patch", type=int, default=patch)
     parser.add_argument("--layer-scale", type=float, default=LAYER_SCALE, help="InternViT's layer_scale_init_value")
-    v = M.config(0, 1).vision
-    parser.add_argument("--width", type=int, default=v.hidden_size, help="the tower's width (heads of 24)")
-    parser.add_argument("--layers", type=int, default=v.num_layers, help="the tower's layers")
-    parser.add_argument("--text-width", type=int, default=M.config(0, 1).text.hidden_size,
+    parser.add_argument("--width", type=int, default=RECIPE.vision.hidden_size, help="the tower's width (heads of 24)")
+    parser.add_argument("--layers", type=int, default=RECIPE.vision.num_layers, help="the tower's layers")
+    parser.add_argument("--text-width", type=int, default=RECIPE.text.hidden_size,
                         help="the decoder's width (heads of 32, half as many key/value heads, MLP 3x)")
     parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos", "fan-in-grid"],
                         help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
