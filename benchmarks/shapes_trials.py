@@ -74,12 +74,32 @@ def pictures(work: Path, n: int, seed: int, max_shapes: int = 4, questions: int 
     return shapes.write(work / name, n, seed, name=name, questions=questions, max_shapes=max_shapes)
 
 
-def only(jsonl: Path, kind: str) -> Path:
-    """The records of `jsonl` whose (first) question is of `kind` ("all": every record), next to it."""
-    if kind == "all":
+ASKS = {"What colour": "colour", "How many": "count", "What shape": "shape", "Is there": "exists"}
+
+
+def only(jsonl: Path, kinds: str) -> Path:
+    """`jsonl` with only the questions (turns) of `kinds` ("shape", "shape+colour"; "all": every one), next to it:
+    the picture goes with the first question kept, a record left without any is dropped."""
+    if kinds == "all":
         return jsonl
-    out = jsonl.with_name(f"{jsonl.stem}-only-{kind}.jsonl")
-    out.write_text("".join(ln + "\n" for ln in jsonl.read_text().splitlines() if json.loads(ln)["kind"] == kind))
+    keep = kinds.split("+")
+    lines = []
+    for line in jsonl.read_text().splitlines():
+        r = json.loads(line)
+        image = next(c for c in r["messages"][0]["content"] if c["type"] == "image")
+        turns = []
+        for user, assistant in zip(r["messages"][::2], r["messages"][1::2], strict=True):
+            text = next(c["text"] for c in user["content"] if c["type"] == "text")
+            kind = next(k for prefix, k in ASKS.items() if text.startswith(prefix))
+            if kind in keep:
+                turns.append(({"role": "user", "content": [{"type": "text", "text": text}]}, assistant, kind))
+        if turns:
+            turns[0][0]["content"].insert(0, image)
+            messages = [m for u, a, _ in turns for m in (u, a)]
+            answer = turns[0][1]["content"][0]["text"]
+            lines.append(json.dumps({**r, "messages": messages, "answer": answer, "kind": turns[0][2]}))
+    out = jsonl.with_name(f"{jsonl.stem}-only-{kinds}.jsonl")
+    out.write_text("".join(ln + "\n" for ln in lines))
     return out
 
 
@@ -275,8 +295,8 @@ def main() -> None:
                    help="questions a training picture (turns of its conversation)")
     t.add_argument("--batch", type=int, default=M.OPTIONS.batch_size)
     t.add_argument("--max-shapes", type=int, default=4)
-    t.add_argument("--only", default="all", choices=["all", *shapes.QUESTION_KINDS],
-                   help="train and score on pictures whose question is of this kind")
+    t.add_argument("--only", default="all", help="train and score on the questions of these kinds only "
+                   f"(+ between kinds: shape+colour; of {', '.join(shapes.QUESTION_KINDS)})")
     t.add_argument("--start", type=Path, help="train on from this model (another trial's RUN/model) instead of the "
                    "initial weights: a curriculum's second stage")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
