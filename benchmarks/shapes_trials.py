@@ -74,9 +74,6 @@ def pictures(work: Path, n: int, seed: int, max_shapes: int = 4, questions: int 
     return shapes.write(work / name, n, seed, name=name, questions=questions, max_shapes=max_shapes)
 
 
-ASKS = {"What colour": "colour", "How many": "count", "What shape": "shape", "Is there": "exists"}
-
-
 def only(jsonl: Path, kinds: str) -> Path:
     """`jsonl` with only the questions (turns) of `kinds` ("shape", "shape+colour"; "all": every one), next to it:
     the picture goes with the first question kept, a record left without any is dropped."""
@@ -87,17 +84,13 @@ def only(jsonl: Path, kinds: str) -> Path:
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
         image = next(c for c in r["messages"][0]["content"] if c["type"] == "image")
-        turns = []
-        for user, assistant in zip(r["messages"][::2], r["messages"][1::2], strict=True):
-            text = next(c["text"] for c in user["content"] if c["type"] == "text")
-            kind = next(k for prefix, k in ASKS.items() if text.startswith(prefix))
-            if kind in keep:
-                turns.append(({"role": "user", "content": [{"type": "text", "text": text}]}, assistant, kind))
+        turns = [(u, a, k) for u, a, k in zip(r["messages"][::2], r["messages"][1::2], r["kinds"], strict=True)
+                 if k in keep]
         if turns:
+            turns = [({**u, "content": [c for c in u["content"] if c["type"] != "image"]}, a, k) for u, a, k in turns]
             turns[0][0]["content"].insert(0, image)
-            messages = [m for u, a, _ in turns for m in (u, a)]
-            answer = turns[0][1]["content"][0]["text"]
-            lines.append(json.dumps({**r, "messages": messages, "answer": answer, "kind": turns[0][2]}))
+            lines.append(json.dumps({**r, "messages": [m for u, a, _ in turns for m in (u, a)], "kinds": [k for *_, k
+                                     in turns], "answer": turns[0][1]["content"][0]["text"], "kind": turns[0][2]}))
     out = jsonl.with_name(f"{jsonl.stem}-only-{kinds}.jsonl")
     out.write_text("".join(ln + "\n" for ln in lines))
     return out
@@ -320,6 +313,8 @@ def main() -> None:
     e.add_argument("model", type=Path)
     e.add_argument("--max-shapes", type=int, default=1, help="shapes a picture: 1 to this many")
     args = p.parse_args()
+    if args.trial == "tiles" and args.only != "all" and not set(args.only.split("+")) <= set(shapes.QUESTION_KINDS):
+        p.error(f"--only {args.only}: kinds are {', '.join(shapes.QUESTION_KINDS)} (or all), joined by +")
     work = args.work
     if args.trial == "probe":
         return probe(args.model, work)

@@ -178,7 +178,8 @@ def write(out: str | Path, n: int, seed: int, name: str = "shapes", questions: i
                              {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]}]
                 table.writerow([row, image, ex.question, ex.answer])
                 row += 1
-            record = {"id": i, "messages": messages, "answer": asked[0].answer, "kind": asked[0].kind}
+            record = {"id": i, "messages": messages, "answer": asked[0].answer, "kind": asked[0].kind,
+                      "kinds": [ex.kind for ex in asked]}  # each turn's
             fj.write(json.dumps(record) + "\n")
     return jsonl
 
