@@ -74,10 +74,11 @@ def pictures(work: Path, n: int, seed: int, max_shapes: int = 4, questions: int 
     return shapes.write(work / name, n, seed, name=name, questions=questions, max_shapes=max_shapes)
 
 
-def only(jsonl: Path, kinds: str) -> Path:
+def only(jsonl: Path, kinds: str, question_first: bool = False) -> Path:
     """`jsonl` with only the questions (turns) of `kinds` ("shape", "shape+colour"; "all": every one), next to it:
-    the picture goes with the first question kept, a record left without any is dropped."""
-    if kinds == "all":
+    the picture goes with the first question kept, a record left without any is dropped. `question_first`: the
+    picture after the first question's text instead of before it, so that its tokens can attend to the question."""
+    if kinds == "all" and not question_first:
         return jsonl
     keep = kinds.split("+")
     lines = []
@@ -85,13 +86,13 @@ def only(jsonl: Path, kinds: str) -> Path:
         r = json.loads(line)
         image = next(c for c in r["messages"][0]["content"] if c["type"] == "image")
         turns = [(u, a, k) for u, a, k in zip(r["messages"][::2], r["messages"][1::2], r["kinds"], strict=True)
-                 if k in keep]
+                 if kinds == "all" or k in keep]
         if turns:
             turns = [({**u, "content": [c for c in u["content"] if c["type"] != "image"]}, a, k) for u, a, k in turns]
-            turns[0][0]["content"].insert(0, image)
+            turns[0][0]["content"].insert(len(turns[0][0]["content"]) if question_first else 0, image)
             lines.append(json.dumps({**r, "messages": [m for u, a, _ in turns for m in (u, a)], "kinds": [k for *_, k
                                      in turns], "answer": turns[0][1]["content"][0]["text"], "kind": turns[0][2]}))
-    out = jsonl.with_name(f"{jsonl.stem}-only-{kinds}.jsonl")
+    out = jsonl.with_name(f"{jsonl.stem}-only-{kinds}{'-qfirst' if question_first else ''}.jsonl")
     out.write_text("".join(ln + "\n" for ln in lines))
     return out
 
@@ -290,6 +291,8 @@ def main() -> None:
     t.add_argument("--max-shapes", type=int, default=4)
     t.add_argument("--only", default="all", help="train and score on the questions of these kinds only "
                    f"(+ between kinds: shape+colour; of {', '.join(shapes.QUESTION_KINDS)})")
+    t.add_argument("--question-first", action="store_true", help="the picture after the first question, not "
+                   "before it (training and held-out)")
     t.add_argument("--start", type=Path, help="train on from this model (another trial's RUN/model) instead of the "
                    "initial weights: a curriculum's second stage")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
@@ -334,10 +337,12 @@ def main() -> None:
         out = work / (f"tiles-{args.tile}-{args.patch}-{args.lr:g}-q{args.questions}-b{args.batch}"
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
                       + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args)
+                      + ("-qfirst" if args.question_first else "")
                       + ("" if args.start is None else f"-from-{args.start.parent.name}"))
-        train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only)
-        if args.max_shapes != 4 or args.only != "all":  # held out: other pictures of the same kind
-            held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only)
+        train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only,
+                     args.question_first)
+        if args.max_shapes != 4 or args.only != "all" or args.question_first:  # held out: pictures of the same kind
+            held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only, args.question_first)
         init = initial(work, args) if args.start is None else args.start
         model = run(init, train, out, args.steps, args.lr, held, args.batch)
         print(args.steps, "updates:", *accuracy(model, held))

@@ -156,3 +156,36 @@ def test_fan_in_scaled_gives_each_kernel_one_over_root_fan_in():
             np.testing.assert_array_equal(pos[0], 0)
         for path in ("text/layers/attn_norm/scale", "vision/layers/ls1", "vision/layers/q/bias"):
             np.testing.assert_array_equal(after[path], before[path])
+
+
+def test_trials_keep_the_asked_kinds_and_can_put_the_question_first(init, tmp_path):
+    """benchmarks/shapes_trials.py `only`: the turns of the given kinds, in order, the picture with the first one
+    kept (before its text, or after it with `question_first`), the first kept turn's answer and kind on the record;
+    a record left without a turn is dropped. And the held-out accuracy's prompt finds the picture either way."""
+    from benchmarks.shapes_trials import only
+
+    jsonl = shapes.write(tmp_path, 40, 3, name="p", questions=10)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for question_first in (False, True):
+        kept = [json.loads(line) for line in only(jsonl, "shape+count", question_first).read_text().splitlines()]
+        want = [r for r in records if {"shape", "count"} & set(r["kinds"])]
+        assert [r["id"] for r in kept] == [r["id"] for r in want]
+        for r, w in zip(kept, want, strict=True):
+            turns = [(u, a) for u, a, k in zip(w["messages"][::2], w["messages"][1::2], w["kinds"], strict=True)
+                     if k in ("shape", "count")]
+            assert r["kinds"] == [k for k in w["kinds"] if k in ("shape", "count")]
+            def texts(messages):
+                return [c["text"] for m in messages for c in m["content"] if c["type"] == "text"]
+
+            assert texts(r["messages"]) == texts(m for t in turns for m in t)
+            assert r["answer"] == r["messages"][1]["content"][0]["text"] and r["kind"] == r["kinds"][0]
+            first = [c["type"] for c in r["messages"][0]["content"]]
+            assert first == (["text", "image"] if question_first else ["image", "text"])
+            assert all(c["type"] == "text" for m in r["messages"][1:] for c in m["content"])
+        processor = InternVLProcessor.from_pretrained(init)
+        x = M.first_question(processor, kept[0], jsonl.parent)
+        ids = list(x["input_ids"][0])
+        before = processor.decode(ids[:ids.index(processor.start_image_token_id)])
+        question = kept[0]["messages"][0]["content"][0 if question_first else 1]["text"]
+        assert (question in before) == question_first, before
+        assert x["pixel_values"].shape == (1, 3, shapes.SIZE, shapes.SIZE)

@@ -126,7 +126,8 @@ def first_question(processor: Any, record: dict, root: Path) -> dict:
     """A shapes record's first question with its picture (a path relative to `root`), as the processor gives it
     with the generation prompt: what the held-out accuracy asks."""
     user = record["messages"][:1]
-    user[0]["content"][0]["url"] = str(root / user[0]["content"][0]["url"])
+    image = next(c for c in user[0]["content"] if c["type"] == "image")
+    image["url"] = str(root / image["url"])
     return processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
 
 
