@@ -139,12 +139,12 @@ def initial(work: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def run(init: Path, train: Path, out: Path, steps: int, lr: float, held: Path, batch: int = M.OPTIONS.batch_size
-        ) -> Path:
+def run(init: Path, train: Path, out: Path, steps: int, lr: float, held: Path, batch: int = M.OPTIONS.batch_size,
+        seed: int = M.OPTIONS.seed) -> Path:
     from internvl_jax.training.finetune import finetune
 
     opts = dataclasses.replace(M.OPTIONS, steps=steps, learning_rate=lr, save_every=200, warmup=min(50, steps - 1),
-                               batch_size=batch)
+                               batch_size=batch, seed=seed)
     return finetune(init, train, out, opts, heldout=held, progress=False)
 
 
@@ -295,6 +295,8 @@ def main() -> None:
                    "before it (training and held-out)")
     t.add_argument("--start", type=Path, help="train on from this model (another trial's RUN/model) instead of the "
                    "initial weights: a curriculum's second stage")
+    t.add_argument("--seed", type=int, default=M.OPTIONS.seed, help="the data order: a stage that goes on from "
+                   "another with the same seed sees the same pictures first again")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
     q.add_argument("--side", type=float, default=0.25, help="the square's side, a fraction of the picture's")
     model_options(q, 112, 14)
@@ -338,13 +340,14 @@ def main() -> None:
                       + ("" if args.max_shapes == 4 and args.only == "all" else f"-s{args.max_shapes}-{args.only}")
                       + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args)
                       + ("-qfirst" if args.question_first else "")
+                      + ("" if args.seed == M.OPTIONS.seed else f"-seed{args.seed}")
                       + ("" if args.start is None else f"-from-{args.start.parent.name}"))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only,
                      args.question_first)
         if args.max_shapes != 4 or args.only != "all" or args.question_first:  # held out: pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only, args.question_first)
         init = initial(work, args) if args.start is None else args.start
-        model = run(init, train, out, args.steps, args.lr, held, args.batch)
+        model = run(init, train, out, args.steps, args.lr, held, args.batch, args.seed)
         print(args.steps, "updates:", *accuracy(model, held))
         return None
     small = pictures(work, 3000, 11, args.max_shapes, args.questions)
