@@ -1,7 +1,9 @@
 """The micro-figures behind `internvl-jax bench` on a CPU, each beside torch, in seconds (issue 20):
-a plain matmul of the vision tower's shape, the vision attention (heads x 1025 tokens x head_dim 64) as our
-reference einsum + softmax, as our blockwise `model.attention` and as torch's `scaled_dot_product_attention`, the
-exact-erf GELU, and the CPU's name and vector extensions. A change to one of them can be judged in seconds.
+a plain matmul of the vision tower's shape, the vision attention (heads x 1025 tokens x head_dim 64) as the tower
+runs it on a CPU (`full_attention`: one head at a time), as all heads in one einsum + softmax, as our blockwise
+`model.attention` and as torch's `scaled_dot_product_attention`, the exact-erf GELU as our layers compute it and
+as `jax.nn.gelu`, the decoder MLP's up product [rows, 896] x [896, 4864] at the decode batches 1, 16 and 32 (the
+batched-decode figure), and the CPU's name and vector extensions. A change to one of them can be judged in seconds.
 
     python benchmarks/cpu_micro.py [--heads 16] [--tokens 1025] [--rounds 20] [--json out.json]
 """
@@ -16,17 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax.bench import quantile_seconds
-from internvl_jax.model.attention import KeyMask, attention
-
-
-def cpu() -> dict[str, object]:
-    """The CPU model and the vector extensions its flags list (AVX2, AVX-512 parts, AMX)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    keep = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-    return {"model": name, "vector_extensions": keep}
+from internvl_jax.bench import cpu_info, quantile_seconds
+from internvl_jax.model.attention import KeyMask, attention, einsum_softmax, full_attention
+from internvl_jax.model.layers import ACTIVATIONS
 
 
 def main() -> None:
@@ -35,6 +29,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1025)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--mlp", type=int, default=4096)
+    p.add_argument("--decoder", type=int, nargs=2, default=(896, 4864), metavar=("WIDTH", "MLP"),
+                   help="the decoder's width and MLP width (InternVL3-1B's)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -47,10 +43,6 @@ def main() -> None:
     w = rng.standard_normal((args.width, args.mlp)).astype(np.float32)
     g = rng.standard_normal((n, args.mlp)).astype(np.float32)
 
-    def reference(q, k, v):
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * d**-0.5
-        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
-
     full = KeyMask(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 0), bool), jnp.ones((1, n), bool))
 
     def blockwise(q, k, v):  # causal (the decoder's case): half the blocks are skipped
@@ -58,19 +50,28 @@ def main() -> None:
 
     jq, jk, jv, jx, jw, jg = map(jnp.asarray, (q, k, v, x, w, g))
     tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in (q, k, v))
-    matmul, ref, blocks = jax.jit(lambda a, b: a @ b), jax.jit(reference), jax.jit(blockwise)
-    gelu = jax.jit(lambda a: jax.nn.gelu(a, approximate=False))
+    matmul, tower, ref, blocks = (jax.jit(f) for f in (lambda a, b: a @ b, full_attention, einsum_softmax, blockwise))
+    gelu, jax_gelu = jax.jit(ACTIVATIONS["gelu"]), jax.jit(lambda a: jax.nn.gelu(a, approximate=False))
     timed = {
         "matmul [n, width] x [width, mlp] jax": lambda: jax.block_until_ready(matmul(jx, jw)),
         "matmul torch": lambda: torch.from_numpy(x) @ torch.from_numpy(w),
-        "vision attention einsum+softmax jax": lambda: jax.block_until_ready(ref(jq, jk, jv)),
+        "vision attention as the tower runs it jax": lambda: jax.block_until_ready(tower(jq, jk, jv)),
+        "vision attention all heads einsum+softmax jax": lambda: jax.block_until_ready(ref(jq, jk, jv)),
         "causal attention blockwise jax": lambda: jax.block_until_ready(blocks(jq, jk, jv)),
         "vision attention sdpa torch": lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv),
-        "gelu exact jax": lambda: jax.block_until_ready(gelu(jg)),
+        "gelu exact as our layers jax": lambda: jax.block_until_ready(gelu(jg)),
+        "gelu exact jax.nn.gelu (erfc) jax": lambda: jax.block_until_ready(jax_gelu(jg)),
         "gelu exact torch": lambda: torch.nn.functional.gelu(torch.from_numpy(g)),
     }
-    out = {"cpu": cpu(), "threads_torch": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
-           "seconds_p50": {}}
+    dw = rng.standard_normal(args.decoder).astype(np.float32)
+    jdw, tdw = jnp.asarray(dw), torch.from_numpy(dw)
+    for rows in (1, 16, 32):
+        r = rng.standard_normal((rows, args.decoder[0])).astype(np.float32)
+        jr, tr = jnp.asarray(r), torch.from_numpy(r)
+        timed[f"decode up product, {rows} rows jax"] = lambda jr=jr: jax.block_until_ready(matmul(jr, jdw))
+        timed[f"decode up product, {rows} rows torch"] = lambda tr=tr: tr @ tdw
+    out = {"cpu": cpu_info(), "threads_torch": torch.get_num_threads(), "jax": jax.__version__,
+           "torch": torch.__version__, "seconds_p50": {}}
     with torch.no_grad():
         for name, fn in timed.items():
             out["seconds_p50"][name] = quantile_seconds(fn, args.rounds)

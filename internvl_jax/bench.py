@@ -33,6 +33,23 @@ TEXT_TOKENS = 64
 BANDWIDTH_BYTES = 1 << 30  # well past the last-level cache
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the vector extensions its flags list (AVX2, the AVX-512 parts, AMX): XLA:CPU and
+    torch pick their kernels by them, so a figure belongs to a machine kind (issue 20)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(key)), "")  # noqa: E731
+    flags = field("flags").split()
+    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"model": field("model name") or platform.processor() or platform.machine(), "vector_extensions": vector}
+
+
+def vector_summary(cpu: dict[str, Any]) -> str:
+    """AVX-512 / AVX2 / AMX as one short phrase for a header."""
+    ext = set(cpu.get("vector_extensions", ()))
+    parts = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in ext]
+    return ", ".join(parts or (["AVX2"] if "avx2" in ext else []))
+
+
 def _best(fn: Callable[[], Any], repeat: int) -> float:
     """Smallest wall time of `repeat` calls (after the caller's warm-up)."""
     return min(_time(fn) for _ in range(repeat))
@@ -279,6 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.layers:
         config = config.replace(text=dataclasses.replace(config.text, num_layers=args.layers))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu": cpu_info(),
                "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
     bandwidth, flops = Bandwidth(args.dtype, BANDWIDTH_BYTES), measured_flops(args.dtype)
     t0 = time.perf_counter()
@@ -319,6 +337,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cpu_name(machine: dict[str, Any]) -> str:
+    """The header's machine: the CPU model and its vector extensions (older reports: the processor field)."""
+    cpu = machine.get("cpu")
+    if not cpu:
+        return machine["processor"]
+    vec = vector_summary(cpu)
+    return f"{cpu['model']}" + (f" ({vec})" if vec else "")
+
+
 def table(report: dict[str, Any]) -> str:
     res = report["results"]
     names = list(res)
@@ -340,7 +367,7 @@ def table(report: dict[str, Any]) -> str:
     bw = f"{min(report['bandwidth_samples_GBps']):.1f}-{report['measured_bandwidth_GBps']:.1f} GB/s"
     weights = f" weights {report['quantize']}" if report.get("quantize") else ""
     lines = [f"{report['preset']} {report['dtype']}{weights} ({report['layers']} decoder layers) on "
-             f"{report['machine']['processor']}, {len(report['machine']['devices'])} device(s); measured {bw}, "
+             f"{cpu_name(report['machine'])}, {len(report['machine']['devices'])} device(s); measured {bw}, "
              f"{report['measured_matmul_TFLOPs'] * 1e3:.0f} GFLOP/s; decode bound "
              f"{report['decode_bound_tokens_per_s_b1']:.1f} tok/s at batch 1 (at the highest bandwidth)",
              "| figure | " + " | ".join(names) + (" | jax/torch |" if "torch" in res else " |"),

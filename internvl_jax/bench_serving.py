@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from internvl_jax.engine.generate import bucket
+from internvl_jax.engine.generate import bucket, prompt_bucket
 from internvl_jax.engine.sampling import SamplingConfig
 from internvl_jax.engine.slots import Request, SlotEngine
 
@@ -100,7 +100,7 @@ def run_engine(model: Any, reqs: list[Request], slots: int, cache_len: int) -> d
 def run_static(model: Any, reqs: list[Request], batch: int) -> dict[str, Any]:
     """The runner's static batches: sort by (length bucket, tiles, length), cut into `batch` rows, generate each
     batch up to its longest request's max_new_tokens, keep each request's own."""
-    order = sorted(reqs, key=lambda r: (bucket(len(r.ids), 16), 0 if r.pixels is None else 1, len(r.ids)))
+    order = sorted(reqs, key=lambda r: (prompt_bucket(len(r.ids)), 0 if r.pixels is None else 1, len(r.ids)))
     start = time.perf_counter()
     ttft: list[float] = []
     done_at: list[float] = []

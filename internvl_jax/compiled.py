@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from internvl_jax.config import InternVLConfig
-from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, _prefill_fn, bucket
+from internvl_jax.engine.generate import _prefill_fn, bucket, prompt_bucket
 from internvl_jax.engine.step import step_mask
 from internvl_jax.model.decoder import Decoder, KVCache
 from internvl_jax.model.internvl import InternVLModule
@@ -446,7 +446,7 @@ def compiled_plan(config: InternVLConfig, target: Target, mesh_sizes: Mapping[st
     `quant`: with the weights stored quantized."""
     mesh = target_mesh(target_devices(target), mesh_sizes, target.label)
     slots = bucket(context, 64)
-    length = bucket(context, MIN_PROMPT_BUCKET)
+    length = prompt_bucket(context)
     programs = []
     if tiles:
         programs.append(vision_program(config, mesh, tiles, dtype, quant))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,11 @@ def test_bench_against_torch_writes_every_figure(tiny, tmp_path, monkeypatch, ca
     assert Image.open(out / "decode.png").size == (720, 440)
     table = capsys.readouterr().out
     assert "| decode tok/s, batch 1 |" in table and "jax/torch" in table
+    cpu = report["machine"]["cpu"]  # the machine kind: the CPU's model and its vector extensions
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert cpu["model"] and cpu["model"] in cpuinfo and cpu["model"] in table.splitlines()[0]
+    assert ("avx512f" in cpu["vector_extensions"]) == (" avx512f" in cpuinfo)
+    assert ("AVX-512" in table.splitlines()[0]) == (" avx512f" in cpuinfo)
     assert torch.is_grad_enabled()  # torch runs under no_grad, not with grad switched off for the process
 
 

@@ -100,13 +100,23 @@ def test_no_recompilation_within_a_bucket(pair):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     rng = np.random.default_rng(3)
-    model.generate(np.array([rng.integers(0, 1000, 20)]), max_new_tokens=8)  # warm-up: prompt bucket 32
+    model.generate(np.array([rng.integers(0, 1000, 40)]), max_new_tokens=8)  # warm-up: prompt bucket 48
     warm = len(compiles)
-    for length in range(17, 27):  # ten different lengths, all in the 32 bucket
+    for length in range(33, 49):  # sixteen different lengths, all in the 48 bucket
         model.generate(np.array([rng.integers(0, 1000, length)]), max_new_tokens=8)
     assert len(compiles) == warm, f"{len(compiles) - warm} new compilations inside one bucket"
-    model.generate(np.array([rng.integers(0, 1000, 40)]), max_new_tokens=8)  # bucket 64: prefill recompiles
+    model.generate(np.array([rng.integers(0, 1000, 49)]), max_new_tokens=8)  # bucket 64: prefill recompiles
     assert len(compiles) > warm
+
+
+def test_prompt_buckets_pad_at_most_a_third():
+    from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, prompt_bucket
+
+    sizes = sorted({prompt_bucket(n) for n in range(1, 10_000)})
+    assert sizes[:6] == [16, 24, 32, 48, 64, 96] and 384 in sizes and 8192 in sizes
+    for n in range(1, 10_000):
+        p = prompt_bucket(n)
+        assert p >= n and (p <= MIN_PROMPT_BUCKET or p - n < p / 3), (n, p)  # padding: under a third
 
 
 def test_streaming_yields_the_same_tokens(pair):

@@ -115,11 +115,11 @@ def test_an_int8_cache_is_read_scaled_whatever_the_kernel(impl):
     np.testing.assert_allclose(out[impl], out["reference"], **TOL)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("n, s, heads, h", [(2, 40, 25, 8), (1, 1025, 1, 64)])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("n, s, heads, h", [(2, 40, 25, 8), (1, 1025, 1, 64), (3, 1025, 4, 16)])
 def test_vision_attention_matches_einsum_softmax(impl, n, s, heads, h):
     """The vision tower's unmasked form: the 6B tower's 25 heads (fewer tokens), and 1025 tokens (a 448px tile's
-    1024 patches + CLS, not a multiple of 128)."""
+    1024 patches + CLS, not a multiple of 128). "reference" on this CPU is `head_by_head`, the loop over heads."""
     rng = np.random.default_rng(s)
     q, k, v = (rng.standard_normal((n, s, heads, h)).astype(np.float32) for _ in range(3))
     with jax.default_matmul_precision("highest"):

@@ -165,3 +165,17 @@ def test_vocabulary_padding_is_read_in_place(tmp_path):
     assert weights.padded_rows(m, 1000, (151680, 896)) is None  # not padding: a wrong size, left to the shape check
     assert weights.padded_rows(weights.mapping("text/lm_head"), 151674, (896, 151680)) == 151680
     assert weights.padded_rows(weights.mapping("text/final_norm/scale"), 896, (896,)) is None
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_pytorch_tanh", "silu"])
+def test_activations_match_torch(name):
+    """Each activation a config may name against transformers' ACT2FN, float32, over the range where GELU's two
+    formulas differ (the negative tail, where erf's 1 + erf(x) cancels)."""
+    from transformers.activations import ACT2FN
+
+    from internvl_jax.model.layers import ACTIVATIONS
+
+    x = np.concatenate([np.linspace(-12, 12, 20001), np.random.default_rng(0).standard_normal(10000) * 3])
+    x = x.astype(np.float32)
+    want = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(ACTIVATIONS[name](x)), want, rtol=0, atol=2e-6)

@@ -1,7 +1,8 @@
 """Compiled generation: bucketed prefill into a static KV cache, then a decode loop that stays on device.
 
 Shapes are bucketed so that a stream of different prompts compiles a handful of programs:
-- prompt length: powers of two from 16 (the prompt is left padded into its bucket);
+- prompt length: powers of two from 16 and the halfway steps between them (16, 24, 32, 48, 64, 96, ...; the
+  prompt is left padded into its bucket): at most a third of a prefill is padding, two programs an octave;
 - batch: powers of two (extra rows are empty and start finished);
 - image tiles: 0 or powers of two (extra tiles are zeros whose features are never placed);
 - cache slots: the power of two >= prompt bucket + max_new_tokens.
@@ -48,6 +49,14 @@ def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+def prompt_bucket(n: int) -> int:
+    """The prefill length a prompt of n tokens is padded to: the smallest power of two or 1.5 x a power of two >=
+    max(n, MIN_PROMPT_BUCKET). Powers of two alone padded a 1-tile prompt of 324 tokens to 512, a 1.58x prefill
+    (torch pads nothing); here it is 384."""
+    p = bucket(n, MIN_PROMPT_BUCKET)
+    return p * 3 // 4 if p > MIN_PROMPT_BUCKET and max(n, MIN_PROMPT_BUCKET) <= p * 3 // 4 else p
 
 
 class Streamer(Protocol):
@@ -177,7 +186,7 @@ def plan_layout(b: int, t: int, n_tiles: int, max_new: int, mesh: Mesh | None) -
         need = data // math.gcd(data, processes)  # rows (and tiles) per process so the data axis divides them
         rows = -(-rows // need) * need
         tiles = -(-tiles // need) * need if tiles else 0
-    length = bucket(t, MIN_PROMPT_BUCKET)
+    length = prompt_bucket(t)
     return Layout(rows=rows, length=length, tiles=tiles, slots=bucket(length + max_new, 64), processes=processes,
                   real_rows=real_rows)
 

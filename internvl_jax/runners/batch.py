@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from internvl_jax.engine.generate import MIN_PROMPT_BUCKET, bucket, max_length
+from internvl_jax.engine.generate import max_length, prompt_bucket
 from internvl_jax.runners.options import RunOptions
 from internvl_jax.runners.records import Request
 from internvl_jax.runners.shards import PartWriter, result_line
@@ -43,7 +43,7 @@ class Encoded:
         return 0 if self.pixels is None else int(self.pixels.shape[0])
 
     def sort_key(self) -> tuple[int, int, int, int]:
-        return bucket(len(self.ids), MIN_PROMPT_BUCKET), self.tiles, len(self.ids), self.request.row
+        return prompt_bucket(len(self.ids)), self.tiles, len(self.ids), self.request.row
 
 
 @dataclass
