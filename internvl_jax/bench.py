@@ -43,13 +43,6 @@ def cpu_info() -> dict[str, Any]:
     return {"model": field("model name") or platform.processor() or platform.machine(), "vector_extensions": vector}
 
 
-def vector_summary(cpu: dict[str, Any]) -> str:
-    """AVX-512 / AVX2 / AMX as one short phrase for a header."""
-    ext = set(cpu.get("vector_extensions", ()))
-    parts = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in ext]
-    return ", ".join(parts or (["AVX2"] if "avx2" in ext else []))
-
-
 def _best(fn: Callable[[], Any], repeat: int) -> float:
     """Smallest wall time of `repeat` calls (after the caller's warm-up)."""
     return min(_time(fn) for _ in range(repeat))
@@ -342,8 +335,10 @@ def cpu_name(machine: dict[str, Any]) -> str:
     cpu = machine.get("cpu")
     if not cpu:
         return machine["processor"]
-    vec = vector_summary(cpu)
-    return f"{cpu['model']}" + (f" ({vec})" if vec else "")
+    ext = set(cpu["vector_extensions"])
+    vec = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in ext]
+    vec = vec or (["AVX2"] if "avx2" in ext else [])
+    return cpu["model"] + (f" ({', '.join(vec)})" if vec else "")
 
 
 def table(report: dict[str, Any]) -> str:
