@@ -2,10 +2,12 @@
 a plain matmul of the vision tower's shape, the vision attention (heads x 1025 tokens x head_dim 64) as the tower
 runs it on a CPU (`full_attention`: one head at a time), as all heads in one einsum + softmax, as our blockwise
 `model.attention` and as torch's `scaled_dot_product_attention`, the exact-erf GELU as our layers compute it and
-as `jax.nn.gelu`, the decoder MLP's up product [rows, 896] x [896, 4864] at the decode batches 1, 16 and 32 (the
-batched-decode figure), and the CPU's name and vector extensions. A change to one of them can be judged in seconds.
+as `jax.nn.gelu`, the decoder's prefill attention (a 384-token prompt, one head at a time and all heads at once,
+against torch's causal SDPA), the decoder MLP's up product [rows, 896] x [896, 4864] at the decode batches 1, 16
+and 32 (the batched-decode figure), and the CPU's name and vector extensions. A change to one of them can be
+judged in seconds.
 
-    python benchmarks/cpu_micro.py [--heads 16] [--tokens 1025] [--rounds 20] [--json out.json]
+    python benchmarks/cpu_micro.py [--heads 16] [--tokens 1025] [--prompt 384] [--rounds 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.bench import cpu_info, quantile_seconds
+from internvl_jax.model import attention as attention_module
 from internvl_jax.model.attention import KeyMask, attention, einsum_softmax, full_attention
 from internvl_jax.model.layers import ACTIVATIONS
 
@@ -31,6 +34,7 @@ def main() -> None:
     p.add_argument("--mlp", type=int, default=4096)
     p.add_argument("--decoder", type=int, nargs=2, default=(896, 4864), metavar=("WIDTH", "MLP"),
                    help="the decoder's width and MLP width (InternVL3-1B's)")
+    p.add_argument("--prompt", type=int, default=384, help="prompt tokens of the decoder's prefill attention")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -63,6 +67,25 @@ def main() -> None:
         "gelu exact jax.nn.gelu (erfc) jax": lambda: jax.block_until_ready(jax_gelu(jg)),
         "gelu exact torch": lambda: torch.nn.functional.gelu(torch.from_numpy(g)),
     }
+    # The decoder's prefill attention at InternVL3-1B's heads (14 query heads on 2 KV heads, head_dim 64), causal,
+    # as one tile: one head at a time (what runs on a CPU) and all heads at once (before), each compiled under its
+    # form, beside torch's SDPA.
+    kv_heads, group, dh = 2, 7, 64
+    dq = rng.standard_normal((1, args.prompt, kv_heads, group, dh)).astype(np.float32)
+    dk, dv = (rng.standard_normal((1, args.prompt, kv_heads, dh)).astype(np.float32) for _ in range(2))
+    causal = KeyMask.uncached(jnp.ones((1, args.prompt), bool))
+    forms = {}
+    for name, threshold in (("head by head", attention_module.HEAD_LOOP_QUERIES), ("all heads", 10**9)):
+        attention_module.HEAD_LOOP_QUERIES, kept = threshold, attention_module.HEAD_LOOP_QUERIES
+        forms[name] = jax.jit(lambda q, k, v: attention(q, k, v, causal)).lower(dq, dk, dv).compile()
+        attention_module.HEAD_LOOP_QUERIES = kept
+    jd = tuple(map(jnp.asarray, (dq, dk, dv)))
+    for name, fn in forms.items():
+        timed[f"decoder prefill attention {name} jax"] = lambda fn=fn: jax.block_until_ready(fn(*jd))
+    tdq = torch.from_numpy(dq).reshape(1, args.prompt, kv_heads * group, dh).transpose(1, 2).contiguous()
+    tdk, tdv = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in (dk, dv))
+    timed["decoder prefill attention sdpa torch"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+        tdq, tdk, tdv, is_causal=True, enable_gqa=True)
     dw = rng.standard_normal(args.decoder).astype(np.float32)
     jdw, tdw = jnp.asarray(dw), torch.from_numpy(dw)
     for rows in (1, 16, 32):

@@ -7,7 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internvl_jax.model.attention import CachedKeys, KeyMask, attention, reference
+from internvl_jax.model import attention as attention_module
+from internvl_jax.model.attention import CachedKeys, KeyMask, attention, loops_over_heads, reference
+
+
+@pytest.fixture
+def head_loop_from(request, monkeypatch):
+    """The two forms of a key block's update on the CPU backend: one head at a time from `request.param` queries a
+    tile on (1: always) and all heads at once (10**9: never one head at a time)."""
+    monkeypatch.setattr(attention_module, "HEAD_LOOP_QUERIES", request.param)
+    assert loops_over_heads(1) == (request.param == 1)
+    return request.param
 
 
 def arrays(rng, b, t, s, kh=2, g=3, h=8):
@@ -19,6 +29,7 @@ def arrays(rng, b, t, s, kh=2, g=3, h=8):
 
 @pytest.mark.parametrize("t, block", [(1, 16), (37, 16), (64, 16), (1025, 128)])
 def test_uncached_matches_reference_with_left_padding(t, block):
+    # t=1025 with 128-query tiles runs one head at a time on the CPU backend, the others all heads at once
     """Causal + padding over the call's own keys, t not a multiple of the block (1025: a vision-length run)."""
     rng = np.random.default_rng(t)
     q, k, v, _, _ = arrays(rng, 3, t, 16)
@@ -36,7 +47,8 @@ def test_uncached_matches_reference_with_left_padding(t, block):
 
 
 @pytest.mark.parametrize("rows", [None, [2, 0]])
-def test_cached_rows_with_their_own_lengths(rows):
+@pytest.mark.parametrize("head_loop_from", [1, 10**9], indirect=True, ids=["head-by-head", "all-heads"])
+def test_cached_rows_with_their_own_lengths(rows, head_loop_from):
     """Each row reads its own cache row below its own start (a prefill chunk or a decode step of the slot
     engine), plus its new keys causally; blocks past the longest start are never read: they hold NaN here,
     which would poison every output they touched."""
@@ -63,7 +75,8 @@ def test_cached_rows_with_their_own_lengths(rows):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("head_loop_from", [1, 10**9], indirect=True, ids=["head-by-head", "all-heads"])
+def test_gradients_match_reference(head_loop_from):
     """The forward without a cache stays differentiable (model.loss): same gradients as the einsum form."""
     rng = np.random.default_rng(2)
     t = 40

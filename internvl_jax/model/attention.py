@@ -69,8 +69,23 @@ class _Softmax(NamedTuple):
     acc: jax.Array  # [b, k, g, t, h]
 
 
+HEAD_LOOP_QUERIES = 64  # XLA:CPU loops over heads from this many queries a tile on (`loops_over_heads`)
+
+
+def loops_over_heads(queries: int) -> bool:
+    """Whether attention with this many queries a tile runs one head at a time: on the CPU backend, from
+    HEAD_LOOP_QUERIES queries on. There all heads' scores in one tensor go through a strided transpose between the
+    product and the softmax, out of cache: a head at a time keeps its [t, s] scores in cache and is 4-6x faster for
+    a 384-2048 token prefill and for the vision tower (`benchmarks/cpu_micro.py`). Below that (decode steps, short
+    chunks) all heads at once is faster: the per-head products are too small. Not for meshes that split the heads
+    (the loop would gather them): on the CPU backend those are tests."""
+    return kernels.backend() == "cpu" and queries >= HEAD_LOOP_QUERIES
+
+
 def _update(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> _Softmax:
     """Fold one key block into the running softmax. q [b,t,k,g,h] (scaled), k/v [b,s,k,h], visible [b,t|1,s]."""
+    if loops_over_heads(q.shape[1]):
+        return _update_head_by_head(st, q, k, v, visible)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     m = jnp.maximum(st.m, scores.max(axis=-1))
@@ -78,6 +93,27 @@ def _update(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax
     keep = jnp.exp(st.m - m)
     pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v).astype(jnp.float32)
     return _Softmax(m, st.l * keep + p.sum(axis=-1), st.acc * keep[..., None] + pv)
+
+
+def _update_head_by_head(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> _Softmax:
+    """`_update` one query head at a time (a loop on device; see `loops_over_heads`)."""
+    b, t, kh, g, h = q.shape
+    heads = lambda a: a.reshape(b, kh * g, *a.shape[3:])  # noqa: E731  [b, k, g, ...] -> [b, n, ...]
+
+    def one(i: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        qi = jax.lax.dynamic_index_in_dim(q.reshape(b, t, kh * g, h), i, 2, keepdims=False)  # [b, t, h]
+        ki, vi = (jax.lax.dynamic_index_in_dim(a, i // g, 2, keepdims=False) for a in (k, v))  # [b, s, h]
+        m0, l0, acc0 = (jax.lax.dynamic_index_in_dim(heads(a), i, 1, keepdims=False) for a in st)
+        scores = jnp.einsum("bth,bsh->bts", qi, ki.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.where(visible, scores, _NEG)
+        m = jnp.maximum(m0, scores.max(axis=-1))
+        p = jnp.exp(scores - m[..., None])
+        keep = jnp.exp(m0 - m)
+        pv = jnp.einsum("bts,bsh->bth", p.astype(v.dtype), vi).astype(jnp.float32)
+        return m, l0 * keep + p.sum(axis=-1), acc0 * keep[..., None] + pv
+
+    stacked = jax.lax.map(one, jnp.arange(kh * g))  # each [n, b, ...]
+    return _Softmax(*(jnp.moveaxis(a, 0, 1).reshape(b, kh, g, *a.shape[2:]) for a in stacked))
 
 
 def _read(cache: jax.Array, layer: jax.Array, rows: jax.Array | None, first: jax.Array, size: int, b: int,
@@ -156,7 +192,7 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         from internvl_jax.kernels.xla import attend
 
         return attend(q, k, v, None, impl)
-    return head_by_head(q, k, v) if kernels.backend() == "cpu" else einsum_softmax(q, k, v)
+    return head_by_head(q, k, v) if loops_over_heads(q.shape[1]) else einsum_softmax(q, k, v)
 
 
 def einsum_softmax(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -168,10 +204,9 @@ def einsum_softmax(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def head_by_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`einsum_softmax` one head at a time (a loop on device), what XLA:CPU runs: a head's [n, s, s] scores stay in
-    the CPU's cache between the two products and the softmax, and each head is read from q, k, v in place. At
-    16 heads x 1025 tokens it is 3-4x faster than all heads at once (`benchmarks/cpu_micro.py`). Not for meshes that
-    split the heads (the loop would gather them): `choose` runs it on the CPU backend only, where that is a test.
-    The softmax is normalised after the second product: s x head_dim divisions instead of s x s."""
+    the CPU's cache between the two products and the softmax, and each head is read from q, k, v in place (when it
+    runs: `loops_over_heads`). The softmax is normalised after the second product: s x head_dim divisions instead
+    of s x s."""
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
     def one(i: jax.Array) -> jax.Array:
