@@ -1,5 +1,6 @@
 """The micro-figures behind `internvl-jax bench` on a CPU, each beside torch, in seconds (issue 20):
-a plain matmul of the vision tower's shape, the vision attention (heads x 1025 tokens x head_dim 64) as the tower
+a plain matmul of the vision tower's shape (also in bfloat16: our layers' form with a float32 result, a plain
+bfloat16 dot, torch's), the vision attention (heads x 1025 tokens x head_dim 64) as the tower
 runs it on a CPU (`full_attention`: one head at a time), as all heads in one einsum + softmax, as our blockwise
 `model.attention` and as torch's `scaled_dot_product_attention`, the exact-erf GELU as our layers compute it and
 as `jax.nn.gelu`, the decoder's prefill attention (a 384-token prompt, one head at a time and all heads at once,
@@ -23,6 +24,7 @@ import numpy as np
 from internvl_jax.bench import cpu_info, quantile_seconds
 from internvl_jax.model import attention as attention_module
 from internvl_jax.model.attention import KeyMask, attention, einsum_softmax, full_attention
+from internvl_jax.model.dot import contract
 from internvl_jax.model.layers import ACTIVATIONS
 
 
@@ -55,10 +57,17 @@ def main() -> None:
     jq, jk, jv, jx, jw, jg = map(jnp.asarray, (q, k, v, x, w, g))
     tq, tk, tv = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in (q, k, v))
     matmul, tower, ref, blocks = (jax.jit(f) for f in (lambda a, b: a @ b, full_attention, einsum_softmax, blockwise))
+    # bfloat16: our layers' form (`model.dot.contract`: a float32 result, rounded once) and a plain bfloat16 dot
+    jxb, jwb = jx.astype(jnp.bfloat16), jw.astype(jnp.bfloat16)
+    txb, twb = torch.from_numpy(x).bfloat16(), torch.from_numpy(w).bfloat16()
+    bf16_dot = jax.jit(contract)
     gelu, jax_gelu = jax.jit(ACTIVATIONS["gelu"]), jax.jit(lambda a: jax.nn.gelu(a, approximate=False))
     timed = {
         "matmul [n, width] x [width, mlp] jax": lambda: jax.block_until_ready(matmul(jx, jw)),
         "matmul torch": lambda: torch.from_numpy(x) @ torch.from_numpy(w),
+        "matmul bfloat16 as our layers (float32 result) jax": lambda: jax.block_until_ready(bf16_dot(jxb, jwb)),
+        "matmul bfloat16 with a bfloat16 result jax": lambda: jax.block_until_ready(matmul(jxb, jwb)),
+        "matmul bfloat16 torch": lambda: txb @ twb,
         "vision attention as the tower runs it jax": lambda: jax.block_until_ready(tower(jq, jk, jv)),
         "vision attention all heads einsum+softmax jax": lambda: jax.block_until_ready(ref(jq, jk, jv)),
         "causal attention blockwise jax": lambda: jax.block_until_ready(blocks(jq, jk, jv)),

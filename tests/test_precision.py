@@ -68,3 +68,23 @@ def test_bfloat16_model_normalises_and_softmaxes_in_float32(impl):
     assert kinds == {"reduce_sum", "reduce_max", "exp", "rsqrt"}, kinds
     low = [(e.primitive.name, str(e.invars[0].aval)) for e in ops if e.invars[0].aval.dtype != np.float32]
     assert not low, low
+
+
+@pytest.mark.parametrize("backend, f32_result", [("cpu", True), ("gpu", False)])
+def test_bfloat16_dots_ask_for_a_float32_result_on_cpu(backend, f32_result):
+    """On XLA:CPU a bfloat16 dot runs on the CPU's bfloat16 units (AMX) only when asked for a float32 result
+    (`model.dot.contract`); it is rounded once, to the product of the float32 values within bfloat16's rounding."""
+    from internvl_jax.model.dot import contract
+
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((4, 64, 96), (96, 3, 8)))
+    with kernels.use(backend=backend):
+        lowered = jax.jit(contract).lower(x, w).as_text()
+    dots = [line for line in lowered.splitlines() if "dot_general" in line]
+    assert len(dots) == 1 and ("-> tensor<4x64x3x8xf32>" in dots[0]) == f32_result, dots
+    y = contract(x, w)
+    assert y.dtype == jnp.bfloat16 and y.shape == (4, 64, 3, 8)
+    exact = np.tensordot(np.asarray(x, np.float32), np.asarray(w, np.float32), 1)
+    np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-8, atol=1e-6)
+    f32 = contract(x.astype(jnp.float32), w)  # float32 in: the plain dot, float32 out
+    assert f32.dtype == jnp.float32

@@ -86,12 +86,12 @@ def _update(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax
     """Fold one key block into the running softmax. q [b,t,k,g,h] (scaled), k/v [b,s,k,h], visible [b,t|1,s]."""
     if loops_over_heads(q.shape[1]):
         return _update_head_by_head(st, q, k, v, visible)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     m = jnp.maximum(st.m, scores.max(axis=-1))
     p = jnp.exp(scores - m[..., None])
     keep = jnp.exp(st.m - m)
-    pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v).astype(jnp.float32)
+    pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return _Softmax(m, st.l * keep + p.sum(axis=-1), st.acc * keep[..., None] + pv)
 
 
@@ -104,12 +104,12 @@ def _update_head_by_head(st: _Softmax, q: jax.Array, k: jax.Array, v: jax.Array,
         qi = jax.lax.dynamic_index_in_dim(q.reshape(b, t, kh * g, h), i, 2, keepdims=False)  # [b, t, h]
         ki, vi = (jax.lax.dynamic_index_in_dim(a, i // g, 2, keepdims=False) for a in (k, v))  # [b, s, h]
         m0, l0, acc0 = (jax.lax.dynamic_index_in_dim(heads(a), i, 1, keepdims=False) for a in st)
-        scores = jnp.einsum("bth,bsh->bts", qi, ki.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("bth,bsh->bts", qi, ki.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = jnp.where(visible, scores, _NEG)
         m = jnp.maximum(m0, scores.max(axis=-1))
         p = jnp.exp(scores - m[..., None])
         keep = jnp.exp(m0 - m)
-        pv = jnp.einsum("bts,bsh->bth", p.astype(v.dtype), vi).astype(jnp.float32)
+        pv = jnp.einsum("bts,bsh->bth", p.astype(v.dtype), vi, preferred_element_type=jnp.float32)
         return m, l0 * keep + p.sum(axis=-1), acc0 * keep[..., None] + pv
 
     stacked = jax.lax.map(one, jnp.arange(kh * g))  # each [n, b, ...]
@@ -211,9 +211,9 @@ def head_by_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     def one(i: jax.Array) -> jax.Array:
         qi, ki, vi = (jax.lax.dynamic_index_in_dim(a, i, 2, keepdims=False) for a in (q, k, v))  # [n, s, k]
-        scores = jnp.einsum("nsk,ntk->nst", qi * scale, ki).astype(jnp.float32)
+        scores = jnp.einsum("nsk,ntk->nst", qi * scale, ki, preferred_element_type=jnp.float32)
         p = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-        out = jnp.einsum("nst,ntk->nsk", p.astype(v.dtype), vi).astype(jnp.float32)
+        out = jnp.einsum("nst,ntk->nsk", p.astype(v.dtype), vi, preferred_element_type=jnp.float32)
         return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
     return jnp.moveaxis(jax.lax.map(one, jnp.arange(q.shape[2])), 0, 2)

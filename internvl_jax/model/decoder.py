@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from internvl_jax import quant
 from internvl_jax.config import TextConfig
 from internvl_jax.model.attention import CachedKeys, KeyMask, attention
+from internvl_jax.model.dot import contract
 from internvl_jax.model.layers import HIDDEN, Dense, RMSNorm, activation, quantized_weight, weight
 from internvl_jax.rules import constrain
 
@@ -241,6 +242,6 @@ class Decoder(nn.Module):
             logits = quant.dot(hidden, head, scale, 1)
         else:
             head = self.embedding.T if self.tie_embeddings else self.lm_head
-            logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+            logits = contract(hidden, head)
         logits = constrain(logits, ("batch", "length", "vocab"))  # the padded width: tensor divides it
         return logits[..., : self.cfg.vocab_size]  # drop the padding columns (TextConfig.padded_vocab)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from internvl_jax import quant
+from internvl_jax.model.dot import contract
 
 Initializer = Callable[..., jax.Array]
 
@@ -120,7 +121,7 @@ class Dense(nn.Module):
             y = quant.dot(x, q, scale, self.n_in)
         else:
             kernel = weight(self, "kernel", shape, self.axes, dtype=self.param_dtype)
-            y = jnp.tensordot(x, kernel.astype(x.dtype), axes=self.n_in)
+            y = contract(x, kernel, self.n_in)
         if self.use_bias:
             bias = weight(self, "bias", self.out_shape, self.axes[self.n_in:], nn.initializers.zeros,
                           self.param_dtype)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from internvl_jax.model.dot import contract
+
 SCHEMES = ("int8", "int4")
 VERSION = 1  # of the quantized checkpoint format (the converter's manifest records it)
 SCALE = "_scale"  # a quantized parameter `p` keeps its scale at `p + SCALE`
@@ -100,9 +102,9 @@ def dot(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
     """x [..., in...] contracted with a quantized kernel [in..., out...] over its `n_in` input axes, in x's dtype.
     One scale per output channel (int8) is applied after the dot; grouped scales (int4) before it."""
     if all(d == 1 for d in scale.shape[:n_in]):
-        y = jnp.tensordot(x, _unfused(q.astype(x.dtype)), axes=n_in)
+        y = contract(x, _unfused(q.astype(x.dtype)), n_in)
         return y * scale.reshape(scale.shape[n_in:]).astype(x.dtype)
-    return jnp.tensordot(x, _unfused(dequantize(q, scale, x.dtype)), axes=n_in)
+    return contract(x, _unfused(dequantize(q, scale, x.dtype)), n_in)
 
 
 def nbytes(shape: Sequence[int], dtype: jnp.dtype) -> int:
