@@ -15,6 +15,7 @@ own max_new_tokens, which is what the workload draws):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def run_engine(model: Any, reqs: list[Request], slots: int, cache_len: int) -> d
     tokens = sum(len(c.tokens) for c in done)
     return {"wall_s": wall, "compile_s": clock.seconds, "generated_tokens": tokens, "tokens_per_s": tokens / wall,
             "requests_per_s": len(done) / wall, "ttft_s": quantiles([c.first_token_s for c in done]),
-            "done_at_s": sorted(c.seconds for c in done)}
+            "done_at_s": sorted(c.seconds for c in done), "time": dataclasses.asdict(engine.stats)}
 
 
 def run_static(model: Any, reqs: list[Request], batch: int) -> dict[str, Any]:
@@ -284,6 +285,11 @@ def summary(report: dict[str, Any]) -> str:
                         f"| {r['ttft_s']['p99']:.1f} | {r['wall_s']:.0f} | {r['compile_s']:.0f} |")
         rows.append(f"engine / static generated tokens/s: {m['engine_over_static_tokens_per_s']:.2f}x "
                     f"({m['engine_over_static_without_compile']:.2f}x without compile time)")
+        t = m["engine"]["time"]
+        rows.append(f"engine time: vision {t['vision_s']:.0f} s ({t['vision_calls']} calls), prefill "
+                    f"{t['prefill_s']:.0f} s ({t['prefill_calls']} calls, {t['prefill_tokens']} tokens with padding), "
+                    f"decode {t['decode_s']:.0f} s ({t['decode_steps']} steps, "
+                    f"{t['slot_steps'] / max(t['decode_steps'], 1):.1f} busy slots a step)")
         return "\n".join(rows)
     if "cache_len" in report:
         c = report["cache_len"]

@@ -86,6 +86,9 @@ def test_mixed_workload_writes_its_figures(tiny, tmp_path, capsys, monkeypatch):
     assert report["engine_over_static_without_compile"] > 0
     # Both sides generate each request's own tokens: random weights never stop early.
     assert report["engine"]["generated_tokens"] == report["static"]["generated_tokens"]
+    t = report["engine"]["time"]  # where the engine's time went: every generated token is a busy slot's step
+    assert t["slot_steps"] == report["engine"]["generated_tokens"] and t["decode_steps"] <= t["slot_steps"]
+    assert t["vision_s"] + t["prefill_s"] + t["decode_s"] <= report["engine"]["wall_s"]
     Image.open(out / "serving-mixed.png").verify()
     assert "engine / static generated tokens/s" in capsys.readouterr().out
 

@@ -177,3 +177,19 @@ def test_prefill_pieces_pad_less_than_one_bucket(model):
         assert padded <= one and (padded < one or len(pieces) == 1), (n, pieces)
         if n == 300:
             assert pieces == [(256, 256), (44, 64)]
+
+
+def test_a_long_prompt_alternates_with_decode_calls(model):
+    """A prompt of 12 chunks is prefilled `ADMIT_UNITS` chunks between two decode calls: the request decoding
+    beside it finishes its 16 tokens before the long one's first token; the counts add up."""
+    from internvl_jax.engine.slots import ADMIT_UNITS
+
+    rng = np.random.default_rng(3)
+    short = Request(id="short", ids=np.array(tm.prompt(rng, 10, [], 0)), sampling=SamplingConfig(max_new_tokens=16))
+    long = Request(id="long", ids=np.array(tm.prompt(rng, 12 * 32, [], 0)), sampling=SamplingConfig(max_new_tokens=4))
+    eng = engine(model, cache_len=512, decode_steps=8)
+    done = {c.id: c for c in eng.run([short, long])}
+    assert done["short"].seconds < done["long"].first_token_s, done
+    assert list(done["long"].tokens) == alone(model, long)
+    st = eng.stats
+    assert st.prefill_calls >= 12 // ADMIT_UNITS and st.slot_steps == 16 + 4, st

@@ -7,8 +7,8 @@ The cache has `slots` rows of `cache_len` key slots each. A request goes through
 3. decode: one program advances every busy slot by a token, each at its own position and with its own
    sampling settings and PRNG key; a slot whose request ends (an EOS id or max_new_tokens) is freed and the
    next request is admitted at once.
-The host loop interleaves one unit of vision or prefill work with decode steps, so decoding slots keep moving
-while a long prompt or a video is prefilled, and prefill memory follows the chunk, not the prompt.
+The host loop interleaves up to `ADMIT_UNITS` units of vision or prefill work with each decode call, so decoding
+slots keep moving while a long prompt or a video is prefilled, and prefill memory follows the chunk, not the prompt.
 
 Rows hold no padding: row r's tokens are at slots [0, length[r]) (`KVCache.slot` per row), its positions are
 its slot indices, and attention reads each row's cache only up to the longest busy row (`model.attention`).
@@ -49,6 +49,10 @@ Params = dict[str, Any]
 
 CHUNK = 512  # prompt tokens a prefill call writes: bounds prefill memory (scores, MLP activations)
 EOS_WIDTH = 8  # EOS ids a request may give
+# Units of admission work (a vision group or a prefill call) between two decode calls. One a call left 40% of
+# the slots waiting (64 mixed requests, 16 slots: 9.6 busy a step on average), since a request needs two or three
+# units; four keep them near full while a long prompt's chunks still alternate with decode steps.
+ADMIT_UNITS = 4
 # What one more prefill call costs, in padded tokens' worth (an estimate: a call reads every weight once and
 # computes the head of each row, at the 1B shape on CPU about the time of 32 prompt tokens).
 PIECE_COST = 32
@@ -220,6 +224,21 @@ def _end_fn(module: InternVLModule) -> Callable:
 
 # ----- the host side -----
 @dataclasses.dataclass
+class EngineStats:
+    """Where a run's time went (seconds of each kind of device call, the host waiting on each) and how full the
+    decode steps were: slot_steps / decode_steps is the mean number of busy slots a step."""
+
+    vision_s: float = 0.0
+    vision_calls: int = 0
+    prefill_s: float = 0.0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0  # rows x row length of the calls, padding included
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    slot_steps: int = 0
+
+
+@dataclasses.dataclass
 class _Job:
     """A request between admission and its first decode step."""
 
@@ -270,6 +289,7 @@ class SlotEngine:
         self.sharding = None if mesh is None else cache_shardings(self.cfg, mesh, slots, self.cache_len,
                                                                    module.cache_dtype)
         self.busy = 0  # slots decoding or being prefilled (for progress reports)
+        self.stats = EngineStats()
 
     # -- validation: every problem becomes that request's error --
     def check(self, req: Request) -> str | None:
@@ -323,7 +343,10 @@ class SlotEngine:
     # -- units of work --
     def _vision(self, job: _Job) -> None:
         group = job.groups.pop(0)
-        job.features.append(_vision_fn(self.module)(self.params, jnp.asarray(group)))
+        t = time.perf_counter()
+        job.features.append(jax.block_until_ready(_vision_fn(self.module)(self.params, jnp.asarray(group))))
+        self.stats.vision_s += time.perf_counter() - t
+        self.stats.vision_calls += 1
 
     def _prefill(self, jobs: list[_Job]) -> list[tuple[_Job, jax.Array]]:
         """One prefill call over `jobs` (their next chunks); returns the jobs whose prompt is now complete, with
@@ -358,9 +381,13 @@ class SlotEngine:
         for a in (ids, valid, rows, starts):
             a[len(jobs):] = a[0]
         features += features[:1] * (n - len(jobs))
-        self.cache, logits = _prefill_fn(self.module, self.sharding)(
+        t = time.perf_counter()
+        self.cache, logits = jax.block_until_ready(_prefill_fn(self.module, self.sharding)(
             self.params, self.cache, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(rows), jnp.asarray(starts),
-            jnp.concatenate(features))
+            jnp.concatenate(features)))
+        self.stats.prefill_s += time.perf_counter() - t
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += n * length
         complete = []
         for i, (job, take) in enumerate(zip(jobs, takes, strict=True)):
             job.done += take
@@ -439,21 +466,28 @@ class SlotEngine:
                 px = None if req.pixels is None else check_pixels(self.cfg, req.pixels, self.module.param_dtype)
                 jobs.append(_Job(req, free.pop(), [], _tile_groups(px)))
                 yield from refill()
-            vision = next((j for j in jobs if j.groups), None)
-            ready = [j for j in jobs if not j.groups]
-            if vision is not None and (not ready or not active):
-                self._vision(vision)
-            elif ready:
-                for job, logits in self._prefill(self._pack(ready)):
-                    jobs.remove(job)
-                    self._insert(job, logits)
-                    active[job.row] = _Active(job.request, [])
+            for _ in range(ADMIT_UNITS):
+                ready = [j for j in jobs if not j.groups]
+                vision = next((j for j in jobs if j.groups), None)
+                if ready:  # a prompt whose features are in goes first: it fills a slot soonest
+                    for job, logits in self._prefill(self._pack(ready)):
+                        jobs.remove(job)
+                        self._insert(job, logits)
+                        active[job.row] = _Active(job.request, [])
+                elif vision is not None:
+                    self._vision(vision)
+                else:
+                    break
             self.busy = len(active) + len(jobs)
             if active:
                 busy = [a.request.sampling for a in active.values()]
                 features = tuple(any(f) for f in zip(*(features_of(s) for s in busy), strict=True))
+                t = time.perf_counter()
                 tokens, ended = self._decode(features)
                 now = elapsed()
+                self.stats.decode_s += now - (t - start)
+                self.stats.decode_steps += tokens.shape[1]
+                self.stats.slot_steps += tokens.shape[1] * len(active)
                 for row, act in list(active.items()):
                     take = tokens[row]  # a call stops at the step a row ends: its last token is that row's last
                     if act.first is None and len(take):
