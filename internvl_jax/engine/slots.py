@@ -482,10 +482,10 @@ class SlotEngine:
             if active:
                 busy = [a.request.sampling for a in active.values()]
                 features = tuple(any(f) for f in zip(*(features_of(s) for s in busy), strict=True))
-                t = time.perf_counter()
+                began = elapsed()
                 tokens, ended = self._decode(features)
                 now = elapsed()
-                self.stats.decode_s += now - (t - start)
+                self.stats.decode_s += now - began
                 self.stats.decode_steps += tokens.shape[1]
                 self.stats.slot_steps += tokens.shape[1] * len(active)
                 for row, act in list(active.items()):
