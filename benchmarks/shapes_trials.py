@@ -134,8 +134,9 @@ def initial(work: Path, args: argparse.Namespace) -> Path:
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if args.tile != shapes.SIZE else 12,
                          adjust=None if args.init == "normal" else functools.partial(
-                             M.fan_in_scaled, positions={"fan-in": None, "fan-in-pos": "random",
-                                                         "fan-in-grid": "grid"}[args.init]))
+                             M.fan_in_scaled, tied_qk=args.init == "fan-in-qk",
+                             positions={"fan-in": None, "fan-in-qk": None, "fan-in-pos": "random",
+                                        "fan-in-grid": "grid"}[args.init]))
     return out
 
 
@@ -270,10 +271,12 @@ def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> Non
     parser.add_argument("--layers", type=int, default=RECIPE.vision.num_layers, help="the tower's layers")
     parser.add_argument("--text-width", type=int, default=RECIPE.text.hidden_size,
                         help="the decoder's width (heads of 32, half as many key/value heads, MLP 3x)")
-    parser.add_argument("--init", default="normal", choices=["normal", "fan-in", "fan-in-pos", "fan-in-grid"],
+    parser.add_argument("--init", default="normal",
+                        choices=["normal", "fan-in", "fan-in-qk", "fan-in-pos", "fan-in-grid"],
                         help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
                              "fan-in-pos: and the tower's position embedding's 1, "
-                             "fan-in-grid: and a 2-D sine grid for it")
+                             "fan-in-grid: and a 2-D sine grid for it, "
+                             "fan-in-qk: and the tower's key kernels equal to its query kernels")
 
 
 def main() -> None:

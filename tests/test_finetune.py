@@ -96,6 +96,22 @@ def test_pixels_past_the_memory_budget_are_made_per_batch(setup, monkeypatch):
         F.collate(lazy[:5], 4096)
 
 
+def test_one_compilation_a_row_length(setup):
+    """The step's first call and every later one run the same program: the optimizer state starts where the
+    parameters are (optax's uncommitted step counts made the first call a program of its own)."""
+    _, ckpt, train, _ = setup
+    processor = InternVLProcessor.from_pretrained(ckpt)
+    model = InternVL.from_pretrained(ckpt, dtype="float32")
+    tx = F.optimizer(FinetuneOptions(steps=4, warmup=1), model.params)
+    step = F.train_step(model, tx)
+    params, state = model.params, F.init_state(tx, model.params)
+    examples, _ = F.load(processor, train, 4096, strict=False)
+    b = F.collate(examples[:2], 4096)
+    for _ in range(3):
+        params, state, loss = step(params, state, b["ids"], b["labels"], b["pixels"], b["mask"])
+    assert np.isfinite(float(loss)) and step._cache_size() == 1
+
+
 @pytest.mark.slow  # three short runs: about two minutes
 def test_resume_after_a_kill_follows_the_same_curve_and_the_result_loads(setup, tmp_path, monkeypatch):
     _, ckpt, train, held = setup

@@ -134,8 +134,9 @@ def test_no_compilation_after_warm_up(model):
     eng = engine(model)
     list(eng.run(requests(4, 6)))
     warm = len(compiles)
-    list(eng.run(requests(5, 6)))  # other prompts and lengths, the same kinds of work
+    second = list(eng.run(requests(5, 6)))  # other prompts and lengths, the same kinds of work
     assert len(compiles) == warm, f"{len(compiles) - warm} compilations after warm-up"
+    assert eng.stats.slot_steps == sum(len(c.tokens) for c in second), eng.stats  # the second run's alone
 
 
 MESH_REQUESTS = (0, 5)  # requests(seed, n) of test_on_a_mesh

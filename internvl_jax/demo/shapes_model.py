@@ -62,13 +62,16 @@ def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
     )
 
 
-def fan_in_scaled(params: dict, positions: str | None = None) -> dict:
+def fan_in_scaled(params: dict, positions: str | None = None, tied_qk: bool = False) -> dict:
     """The random initial weights with every kernel's standard deviation 1/sqrt(fan in) instead of 0.02, and the
     text embedding's 1: the initializer of a large model (0.02 is about 1/sqrt(2500)) leaves each block of a
     96-128 wide one adding a few percent to its residual stream, a tower that is little more than its patch
     embedding until training has grown every kernel several times over. `positions` sets the tower's position
     embedding: "random" scales it to standard deviation 1, as large as a patch's embedding (at 0.02 the tower
-    cannot tell where a patch is until training has grown them); "grid" replaces it by `grid_positions`."""
+    cannot tell where a patch is until training has grown them); "grid" replaces it by `grid_positions`.
+    `tied_qk`: each tower layer's key kernel starts equal to its query kernel, so that attention starts as a
+    similarity (a patch attends most to patches that look like it: those of its own shape's colour) instead of
+    mixing every shape of the picture into every patch."""
     from internvl_jax import weights as W
 
     def scaled(path: str, x):
@@ -83,7 +86,10 @@ def fan_in_scaled(params: dict, positions: str | None = None) -> dict:
         fan_in = math.prod(dims[:-2] if name in ("q", "k", "v") else dims[:-1])  # q/k/v end in [heads, head_dim]
         return x / (0.02 * math.sqrt(fan_in))
 
-    return W.unflatten_paths({p: scaled(p, x) for p, x in W.flatten_paths(params).items()})
+    flat = {p: scaled(p, x) for p, x in W.flatten_paths(params).items()}
+    if tied_qk:
+        flat["vision/layers/k/kernel"] = flat["vision/layers/q/kernel"]
+    return W.unflatten_paths(flat)
 
 
 def grid_positions(shape: tuple[int, ...]) -> Any:

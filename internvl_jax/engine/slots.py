@@ -225,8 +225,8 @@ def _end_fn(module: InternVLModule) -> Callable:
 # ----- the host side -----
 @dataclasses.dataclass
 class EngineStats:
-    """Where a run's time went (seconds of each kind of device call, the host waiting on each) and how full the
-    decode steps were: slot_steps / decode_steps is the mean number of busy slots a step."""
+    """Where the engine's last `run` spent its time (seconds of each kind of device call, the host waiting on
+    each) and how full the decode steps were: slot_steps / decode_steps is the mean number of busy slots a step."""
 
     vision_s: float = 0.0
     vision_calls: int = 0
@@ -437,6 +437,7 @@ class SlotEngine:
     # -- the loop --
     def run(self, requests: Iterable[Request]) -> Iterator[Completion]:
         start = time.perf_counter()
+        self.stats = EngineStats()  # this run's, not the sum of every run on the engine
         pending: collections.deque[Request] = collections.deque()
         source = iter(requests)
         free = list(range(self.slots))[::-1]

@@ -158,6 +158,16 @@ def optimizer(opts: FinetuneOptions, params: dict) -> optax.GradientTransformati
     return optax.MultiSteps(tx, opts.accumulate) if opts.accumulate > 1 else tx
 
 
+def init_state(tx: optax.GradientTransformation, params: dict) -> Any:
+    """`tx.init(params)` placed where the parameters are. optax makes its step counts as uncommitted scalars; the
+    first step's program then takes them from anywhere and every later one from the device it put them on, so each
+    row length was compiled twice (about 10 s each at the shapes model's size)."""
+    where = jax.tree.leaves(params)[0].sharding
+    if isinstance(where, jax.sharding.NamedSharding):
+        where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: x if getattr(x, "committed", True) else jax.device_put(x, where), tx.init(params))
+
+
 def train_step(model: Any, tx: optax.GradientTransformation):
     """`step(params, opt_state, ids, labels, pixels, mask) -> (params, opt_state, loss)`, jitted."""
     from internvl_jax.modeling import _loss_fn
@@ -220,7 +230,7 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, opts: Fin
 
     model = InternVL.from_pretrained(model_dir, dtype="float32", mesh=mesh)
     tx = optimizer(opts, model.params)
-    params, opt_state, start = model.params, tx.init(model.params), 0
+    params, opt_state, start = model.params, init_state(tx, model.params), 0
     manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
     if manager.latest_step() is not None:
