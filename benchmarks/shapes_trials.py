@@ -6,6 +6,8 @@
     python benchmarks/shapes_trials.py WORK probe RUN/model   # does the colour answer move with the picture?
     python benchmarks/shapes_trials.py WORK shapes RUN/model  # its shape answers: confusion, by side and count
     python benchmarks/shapes_trials.py WORK edges RUN/model   # do the tokens over a shape's edge tell its kind?
+    python benchmarks/shapes_trials.py WORK bind RUN/model    # does the answer follow the colour asked?
+    python benchmarks/shapes_trials.py WORK colours RUN/model # do the image tokens still carry colour?
     python benchmarks/shapes_trials.py WORK tiles --tile 112 --patch 14 --lr 1e-3 --steps 300 --questions 1 \
         --batch 32 --max-shapes 1 --only colour [--layer-scale 1]   # one shape, colour questions only
     python benchmarks/shapes_trials.py WORK squares --side 0.25 --tile 112 --patch 14 --steps 200
@@ -97,6 +99,31 @@ def only(jsonl: Path, kinds: str, question_first: bool = False) -> Path:
     return out
 
 
+def at_least(jsonl: Path, n: int, seed: int, max_shapes: int, questions: int, least: int) -> Path:
+    """The records of `jsonl` (written by `pictures(work, n, seed, max_shapes, questions)`, perhaps filtered by
+    `only`) whose picture holds at least `least` shapes: the scenes are drawn again from the seed."""
+    count = {i: len(q[0].scene.shapes) for i, q in enumerate(shapes.quizzes(n, seed, questions, max_shapes))}
+    lines = [ln for ln in jsonl.read_text().splitlines() if count[json.loads(ln)["id"]] >= least]
+    out = jsonl.with_name(f"{jsonl.stem}-{least}up.jsonl")
+    out.write_text("".join(ln + "\n" for ln in lines))
+    return out
+
+
+def fresh_decoder(model_dir: Path, init: Path) -> Path:
+    """The initial checkpoint `init` (its random decoder, perhaps of other heads or layers) with the tower and
+    projector of the trained `model_dir`, next to `model_dir`: a trained tower under a decoder that has learnt
+    nothing yet."""
+    from internvl_jax.modeling import InternVL
+    from internvl_jax.training.finetune import save
+
+    out = model_dir.parent / f"fresh-decoder-{init.name}"
+    if not (out / "config.json").is_file():
+        model, trained = (InternVL.from_pretrained(d, dtype="float32") for d in (init, model_dir))
+        model.params = {**trained.params, "text": model.params["text"]}
+        save(model, init, out)
+    return out
+
+
 PICTURES = 6400  # training pictures of a `tiles` trial (runs with another number are named by it)
 # InternViT's layer_scale_init_value in the recipe (transformers' default): the trials name other values.
 RECIPE = M.config(0, 1)  # the recipe's widths: the trials' defaults
@@ -109,7 +136,10 @@ def suffix(args: argparse.Namespace) -> str:
     return (("" if args.layer_scale == LAYER_SCALE else f"-ls{args.layer_scale:g}")
             + ("" if args.init == "normal" else f"-{args.init}")
             + ("" if (args.width, args.layers) == (v.hidden_size, v.num_layers) else f"-v{args.width}x{args.layers}")
-            + ("" if args.text_width == RECIPE.text.hidden_size else f"-t{args.text_width}"))
+            + ("" if args.text_width == RECIPE.text.hidden_size else f"-t{args.text_width}")
+            + ("" if (args.text_heads, args.text_layers) == (0, RECIPE.text.num_layers) else
+               f"-h{args.text_heads}x{args.text_layers}")
+            + ("" if not args.recency else f"-r{args.recency:g}"))
 
 
 def initial(work: Path, args: argparse.Namespace) -> Path:
@@ -121,9 +151,10 @@ def initial(work: Path, args: argparse.Namespace) -> Path:
 
     def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
         base = M.config(image_token_id, vocab_size)
-        heads = args.text_width // base.text.head_dim
+        heads = args.text_heads or args.text_width // base.text.head_dim
         text = dataclasses.replace(base.text, hidden_size=args.text_width, num_heads=heads,
-                                   num_kv_heads=heads // 2, intermediate_size=3 * args.text_width)
+                                   num_kv_heads=heads // 2, head_dim=args.text_width // heads,
+                                   intermediate_size=3 * args.text_width, num_layers=args.text_layers)
         return dataclasses.replace(base, text=text, vision=dataclasses.replace(
             base.vision, image_size=args.tile, patch_size=args.patch, layer_scale_init_value=args.layer_scale,
             hidden_size=args.width, num_layers=args.layers, intermediate_size=4 * args.width,
@@ -134,18 +165,18 @@ def initial(work: Path, args: argparse.Namespace) -> Path:
         write_checkpoint(out, config, M.INIT_SEED, force=True, max_new_tokens=M.MAX_NEW_TOKENS, words=M.words(),
                          max_patches=1 if args.tile != shapes.SIZE else 12,
                          adjust=None if args.init == "normal" else functools.partial(
-                             M.fan_in_scaled, tied_qk=args.init == "fan-in-qk",
+                             M.fan_in_scaled, tied_qk=args.init == "fan-in-qk", recency=args.recency,
                              positions={"fan-in": None, "fan-in-qk": None, "fan-in-pos": "random",
                                         "fan-in-grid": "grid"}[args.init]))
     return out
 
 
 def run(init: Path, train: Path, out: Path, steps: int, lr: float, held: Path, batch: int = M.OPTIONS.batch_size,
-        seed: int = M.OPTIONS.seed) -> Path:
+        seed: int = M.OPTIONS.seed, freeze: tuple[str, ...] = ()) -> Path:
     from internvl_jax.training.finetune import finetune
 
     opts = dataclasses.replace(M.OPTIONS, steps=steps, learning_rate=lr, save_every=200, warmup=min(50, steps - 1),
-                               batch_size=batch, seed=seed)
+                               batch_size=batch, seed=seed, freeze=freeze)
     return finetune(init, train, out, opts, heldout=held, progress=False)
 
 
@@ -261,6 +292,73 @@ def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
           "tokens)")
 
 
+def bind(model_dir: Path, pairs: int = 60) -> None:
+    """Does the answer follow the colour asked? `pairs` fresh pictures of two shapes of different kinds, "What shape
+    is {colour}?" asked of each colour: a model that finds the shape of the colour asked answers the two
+    differently; one that names the picture's most salient shape answers them alike, right half the time."""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    rng, prompts, kinds = np.random.default_rng(7), [], []
+    while len(kinds) < 2 * pairs:
+        sc = shapes.scene(rng)
+        if len(sc.shapes) != 2 or sc.shapes[0].kind == sc.shapes[1].kind:
+            continue
+        picture = shapes.draw(sc)
+        for s in sc.shapes:
+            user = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                 {"type": "text", "text": f"What shape is {s.colour}?"}]}]
+            x = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+            prompts.append({"input_ids": x["input_ids"], "pixel_values": x["pixel_values"]})
+            kinds.append(s.kind)
+    outs = model.generate_many(prompts, max_new_tokens=3)
+    said = [processor.decode(o[p["input_ids"].shape[1]:], skip_special_tokens=True)
+            for o, p in zip(outs, prompts, strict=True)]
+    right = [a == k for a, k in zip(said, kinds, strict=True)]
+    print(f"two shapes of different kinds, each colour asked ({pairs} pictures): right {np.mean(right):.2f}, "
+          f"the two answers differ {np.mean([said[i] != said[i + 1] for i in range(0, len(said), 2)]):.2f}, "
+          f"both right {np.mean([right[i] and right[i + 1] for i in range(0, len(said), 2)]):.2f}")
+
+
+def colours(model_dir: Path, n: int = 300) -> None:
+    """Do the image tokens still carry their shape's colour? On `n` fresh pictures of 1-4 shapes, the tokens whose
+    cell a shape covers at least half: the share of their variance that their shape's colour explains (and its
+    kind, for scale), and a linear probe for the colour (ridge regression fitted on the first three quarters of the
+    pictures' tokens, scored on the rest; chance is a sixth). A probe standardises every feature, so it finds a
+    colour that is a sliver of the tokens' variance; attention, which looks a colour up by a dot product, is
+    helped by the share."""
+    import internvl_jax
+
+    model = internvl_jax.InternVL.from_pretrained(model_dir)
+    processor = internvl_jax.InternVLProcessor.from_pretrained(model_dir)
+    rng, names = np.random.default_rng(5), list(shapes.COLOURS)
+    feats, labels, kinds, picture = [], [], [], []
+    for i in range(n):
+        sc = shapes.scene(rng)
+        x = processor(text=processor.image_token, images=[shapes.draw(sc)])
+        f = np.asarray(model.get_image_features(x["pixel_values"]))[0]
+        side = math.isqrt(f.shape[0])
+        cell = shapes.SIZE // side
+        for s in sc.shapes:
+            mask = (np.asarray(shapes.draw(shapes.Scene(sc.ground, (s,)))) != np.array(sc.ground)).any(-1)
+            for t in np.nonzero(mask.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1) >= 0.5)[0]:
+                feats.append(f[t]), labels.append(names.index(s.colour)), picture.append(i)
+                kinds.append(shapes.KINDS.index(s.kind))
+    x, y, kind, picture = np.array(feats), np.array(labels), np.array(kinds), np.array(picture)
+    centred = x - x.mean(0)
+
+    def share(label: np.ndarray) -> float:  # between-class variance / total variance
+        return sum((label == c).sum() * np.sum(centred[label == c].mean(0) ** 2) for c in set(label)) / np.sum(
+            centred**2)
+
+    x = centred / (x.std(0) + 1e-6)
+    fit = picture < n * 3 // 4
+    w = np.linalg.solve(x[fit].T @ x[fit] + 10.0 * np.eye(x.shape[1]), x[fit].T @ np.eye(len(names))[y[fit]])
+    print(f"image tokens over a shape ({len(y)}): variance from its colour {share(y):.2f}, from its kind "
+          f"{share(kind):.2f}; colour probe, held-out tokens {np.mean((x[~fit] @ w).argmax(1) == y[~fit]):.2f}")
+
+
 def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> None:
     """The initial checkpoint's variant: tile and patch size, where InternViT's layer scale starts, the tower's and
     the decoder's widths, and the initial weights' scale."""
@@ -271,6 +369,10 @@ def model_options(parser: argparse.ArgumentParser, tile: int, patch: int) -> Non
     parser.add_argument("--layers", type=int, default=RECIPE.vision.num_layers, help="the tower's layers")
     parser.add_argument("--text-width", type=int, default=RECIPE.text.hidden_size,
                         help="the decoder's width (heads of 32, half as many key/value heads, MLP 3x)")
+    parser.add_argument("--text-heads", type=int, default=0, help="the decoder's heads (default: width / 32)")
+    parser.add_argument("--text-layers", type=int, default=RECIPE.text.num_layers, help="the decoder's layers")
+    parser.add_argument("--recency", type=float, default=0.0, help="with a fan-in init: the decoder's first layer "
+                        "attends to recent tokens at the start (shapes_model.fan_in_scaled)")
     parser.add_argument("--init", default="normal",
                         choices=["normal", "fan-in", "fan-in-qk", "fan-in-pos", "fan-in-grid"],
                         help="kernels of standard deviation 0.02 or 1/sqrt(fan in) (shapes_model.fan_in_scaled), "
@@ -300,6 +402,10 @@ def main() -> None:
                    "initial weights: a curriculum's second stage")
     t.add_argument("--seed", type=int, default=M.OPTIONS.seed, help="the data order: a stage that goes on from "
                    "another with the same seed sees the same pictures first again")
+    t.add_argument("--min-shapes", type=int, default=1, help="train on the pictures of at least this many shapes")
+    t.add_argument("--freeze", default="", help="parts left as they are (finetune's --freeze: vision,projector)")
+    t.add_argument("--fresh-decoder", action="store_true", help="with --start: its decoder replaced by the initial "
+                   "random one")
     q = sub.add_parser("squares", help="one square of one colour, larger or smaller: is it found?")
     q.add_argument("--side", type=float, default=0.25, help="the square's side, a fraction of the picture's")
     model_options(q, 112, 14)
@@ -320,6 +426,9 @@ def main() -> None:
     e = sub.add_parser("edges", help="linear probe: do the image tokens over a shape's edge tell its kind?")
     e.add_argument("model", type=Path)
     e.add_argument("--max-shapes", type=int, default=1, help="shapes a picture: 1 to this many")
+    for name, what in (("bind", "does the answer follow the colour asked? (two shapes, each colour asked)"),
+                       ("colours", "linear probe: do the image tokens still carry their shape's colour?")):
+        sub.add_parser(name, help=what).add_argument("model", type=Path)
     args = p.parse_args()
     if args.trial == "tiles" and args.only != "all" and not set(args.only.split("+")) <= set(shapes.QUESTION_KINDS):
         p.error(f"--only {args.only}: kinds are {', '.join(shapes.QUESTION_KINDS)} (or all), joined by +")
@@ -330,6 +439,8 @@ def main() -> None:
         return shape_answers(args.model, work)
     if args.trial == "edges":
         return edges(args.model, max_shapes=args.max_shapes)
+    if args.trial in ("bind", "colours"):
+        return {"bind": bind, "colours": colours}[args.trial](args.model)
     if args.trial == "squares":
         train, held = squares(work, 3200, 1, args.side), squares(work, 200, 2, args.side)
         out = work / f"squares-{args.side:g}-{args.tile}-{args.patch}-{args.lr:g}-{args.steps}{suffix(args)}"
@@ -344,13 +455,23 @@ def main() -> None:
                       + ("" if args.pictures == PICTURES else f"-p{args.pictures}") + suffix(args)
                       + ("-qfirst" if args.question_first else "")
                       + ("" if args.seed == M.OPTIONS.seed else f"-seed{args.seed}")
-                      + ("" if args.start is None else f"-from-{args.start.parent.name}"))
+                      + ("" if args.min_shapes == 1 else f"-{args.min_shapes}up")
+                      + ("" if not args.freeze else f"-frozen-{args.freeze.replace(',', '+')}")
+                      + ("" if args.start is None else
+                         f"-from-{'fresh-decoder-' if args.fresh_decoder else ''}{args.start.parent.name}"))
         train = only(pictures(work, args.pictures, 11, args.max_shapes, args.questions), args.only,
                      args.question_first)
+        if args.min_shapes > 1:
+            train = at_least(train, args.pictures, 11, args.max_shapes, args.questions, args.min_shapes)
         if args.max_shapes != 4 or args.only != "all" or args.question_first:  # held out: pictures of the same kind
             held = only(pictures(work, 300, 12, args.max_shapes, questions=1), args.only, args.question_first)
         init = initial(work, args) if args.start is None else args.start
-        model = run(init, train, out, args.steps, args.lr, held, args.batch, args.seed)
+        if args.fresh_decoder:
+            if args.start is None:
+                p.error("--fresh-decoder goes with --start")
+            init = fresh_decoder(args.start, initial(work, args))
+        model = run(init, train, out, args.steps, args.lr, held, args.batch, args.seed,
+                    tuple(f for f in args.freeze.split(",") if f))
         print(args.steps, "updates:", *accuracy(model, held))
         return None
     small = pictures(work, 3000, 11, args.max_shapes, args.questions)

@@ -6,11 +6,13 @@ pixel shuffle to 64 tokens a tile, the MLP projector and a Qwen2 decoder, with a
 merges make each word of the task one token, and the -hf chat template. It starts from random weights and learns
 everything from the task, by `internvl-jax finetune` (`training/finetune.py`) and nothing else.
 
-Not shipped yet: within the budget of about half an hour on 2 cores this recipe does not get past the answers'
+Not shipped yet. Within the budget of about half an hour on 2 cores this recipe does not get past the answers'
 prior (about 35-40% of held-out questions right). Trials with its initial weights rescaled (`fan_in_scaled`),
-InternViT's layer scale starting at 1 and four questions a picture reach 69%; asked only to name the one shape
-in a picture, the tower learns it in 600 updates (97%), and what is left is binding a shape to its colour among
-several (runs and figures in docs/finetune.md). The recipe changes when a trial, run in full, reaches 95%.
+InternViT's layer scale starting at 1 and four questions a picture reach 69%. Asked only to name the one shape
+in a picture, the tower learns it in 600 updates (97%). What is left is binding a shape to its colour among
+several, and it is the decoder's part: every trial's decoder gives the same answer whatever colour is asked
+(`shapes_trials.py bind`), even on a frozen tower whose tokens tell the kinds (runs and figures in
+docs/finetune.md). The recipe changes when a trial, run in full, reaches 95%.
 Once a recipe reaches 95%, its result goes to `SHIPPED` and `main` compares a rebuild with it byte for byte
 (XLA:CPU gives the same bits for the same program and inputs on one kind of CPU; another kind may round
 differently).
@@ -62,7 +64,7 @@ def config(image_token_id: int, vocab_size: int) -> InternVLConfig:
     )
 
 
-def fan_in_scaled(params: dict, positions: str | None = None, tied_qk: bool = False) -> dict:
+def fan_in_scaled(params: dict, positions: str | None = None, tied_qk: bool = False, recency: float = 0.0) -> dict:
     """The random initial weights with every kernel's standard deviation 1/sqrt(fan in) instead of 0.02, and the
     text embedding's 1: the initializer of a large model (0.02 is about 1/sqrt(2500)) leaves each block of a
     96-128 wide one adding a few percent to its residual stream, a tower that is little more than its patch
@@ -71,7 +73,10 @@ def fan_in_scaled(params: dict, positions: str | None = None, tied_qk: bool = Fa
     cannot tell where a patch is until training has grown them); "grid" replaces it by `grid_positions`.
     `tied_qk`: each tower layer's key kernel starts equal to its query kernel, so that attention starts as a
     similarity (a patch attends most to patches that look like it: those of its own shape's colour) instead of
-    mixing every shape of the picture into every patch."""
+    mixing every shape of the picture into every patch. `recency`: the decoder's first layer starts with query and
+    key biases of `recency` on the rotary pairs 3-6 (wavelengths of 84 to 1100 tokens), so that its attention
+    starts on the last 15-30 tokens: the question's words, not the 64 image tokens (logits 8.2, 6.7, 3.8 at
+    distances 0, 15, 30 for 3.4 at head_dim 32 and rope_theta 1e6)."""
     from internvl_jax import weights as W
 
     def scaled(path: str, x):
@@ -89,6 +94,10 @@ def fan_in_scaled(params: dict, positions: str | None = None, tied_qk: bool = Fa
     flat = {p: scaled(p, x) for p, x in W.flatten_paths(params).items()}
     if tied_qk:
         flat["vision/layers/k/kernel"] = flat["vision/layers/q/kernel"]
+    if recency:
+        for name in ("q", "k"):
+            path = f"text/layers/{name}/bias"  # [layers, heads, head_dim]; rotate_half pairs dim j with j + head_dim/2
+            flat[path] = flat[path].at[0, :, 3:7].set(recency)
     return W.unflatten_paths(flat)
 
 
