@@ -31,6 +31,7 @@ import functools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -249,6 +250,18 @@ def shape_answers(model_dir: Path, work: Path, n: int = 120) -> None:
         print(f"right by {name}:", ", ".join(f"{k}: {np.mean(v):.2f} of {len(v)}" for k, v in sorted(table.items())))
 
 
+def tokens_over(model: Any, processor: Any, sc: shapes.Scene) -> tuple[np.ndarray, np.ndarray]:
+    """The image tokens the decoder reads for the scene's picture [tokens, width], and the share of each token's
+    cell that each shape covers [shapes, tokens] (each shape drawn alone)."""
+    x = processor(text=processor.image_token, images=[shapes.draw(sc)])
+    f = np.asarray(model.get_image_features(x["pixel_values"]))[0]
+    side = math.isqrt(f.shape[0])
+    cell = shapes.SIZE // side
+    masks = [(np.asarray(shapes.draw(shapes.Scene(sc.ground, (s,)))) != np.array(sc.ground)).any(-1)
+             for s in sc.shapes]
+    return f, np.array([m.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1) for m in masks])
+
+
 def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
     """A linear probe of the image tokens the decoder reads: on `n` fresh pictures of 1 to `max_shapes` shapes, the
     tokens whose cell one shape covers in part (10-90%: its edges and corners) and no other touches, each labelled
@@ -264,16 +277,7 @@ def edges(model_dir: Path, n: int = 800, max_shapes: int = 1) -> None:
     feats, kinds, picture, shape_id = [], [], [], []
     for sc_i in range(n):
         sc = shapes.scene(rng, max_shapes)
-        x = processor(text=processor.image_token, images=[shapes.draw(sc)])
-        f = np.asarray(model.get_image_features(x["pixel_values"]))[0]  # [tokens, width]
-        side = math.isqrt(f.shape[0])
-        cell = shapes.SIZE // side
-        covers = []
-        for s in sc.shapes:  # each shape drawn alone: the share of each token's cell it covers
-            alone = shapes.draw(shapes.Scene(sc.ground, (s,)))
-            mask = (np.asarray(alone) != np.array(sc.ground)).any(-1)
-            covers.append(mask.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1))
-        covers = np.array(covers)
+        f, covers = tokens_over(model, processor, sc)
         for j, s in enumerate(sc.shapes):
             others = np.delete(covers, j, axis=0).sum(0)
             for t in np.nonzero((covers[j] > 0.1) & (covers[j] < 0.9) & (others == 0))[0]:
@@ -336,13 +340,9 @@ def colours(model_dir: Path, n: int = 300) -> None:
     feats, labels, kinds, picture = [], [], [], []
     for i in range(n):
         sc = shapes.scene(rng)
-        x = processor(text=processor.image_token, images=[shapes.draw(sc)])
-        f = np.asarray(model.get_image_features(x["pixel_values"]))[0]
-        side = math.isqrt(f.shape[0])
-        cell = shapes.SIZE // side
-        for s in sc.shapes:
-            mask = (np.asarray(shapes.draw(shapes.Scene(sc.ground, (s,)))) != np.array(sc.ground)).any(-1)
-            for t in np.nonzero(mask.reshape(side, cell, side, cell).mean((1, 3)).reshape(-1) >= 0.5)[0]:
+        f, covers = tokens_over(model, processor, sc)
+        for s, cover in zip(sc.shapes, covers, strict=True):
+            for t in np.nonzero(cover >= 0.5)[0]:
                 feats.append(f[t]), labels.append(names.index(s.colour)), picture.append(i)
                 kinds.append(shapes.KINDS.index(s.kind))
     x, y, kind, picture = np.array(feats), np.array(labels), np.array(kinds), np.array(picture)
